@@ -1,0 +1,66 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv (Python 3.11) from
+# requirements.txt when it is missing or older than requirements.txt, then builds the extension
+# incrementally (ninja), then runs.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+# pytest workers: the interpreter/emulator cases are CPU-bound, one worker per core.
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test build lint format ctest gpu-report pytest cpu-only-build bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# `setup.py build_ext --inplace` puts vlm_kernels/_C*.so next to the sources (the repo is on sys.path
+# when run from here, and the .pth of `pip install -e` covers other directories); ninja keeps it
+# incremental.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+	test -f $(VENV)/.editable || ($(PY) -m pip install -q -e . --no-build-isolation --no-deps && touch $(VENV)/.editable)
+
+demo: build
+	$(PY) -m vlm_kernels.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
+
+# The SIMT emulator's own C++ tests.
+ctest: $(STAMP)
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null
+	cmake --build build/cmake
+	cd build/cmake && ctest --output-on-failure
+
+# Every Triton kernel at every config and every .cu kernel, compiled for sm_80 and sm_90 with no GPU;
+# fails on a compile error, a register spill or too much shared memory.
+gpu-report: build
+	$(PY) -m vlm_kernels.tools.gpu_report --json build/gpu_report.json
+
+pytest: build
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+test: lint ctest gpu-report pytest
+
+# Proves the CPU-only build (VLMK_SKIP_CUDA_BUILD=1) compiles and its kernels run, in a separate tree.
+cpu-only-build: $(STAMP)
+	VLMK_SKIP_CUDA_BUILD=1 $(PY) setup.py -q build_ext --build-temp build/cpu-only/temp --build-lib build/cpu-only/lib
+	VLMK_EXPECT_CUDA_BUILD=0 VLMK_EXTENSION_DIR=build/cpu-only/lib $(PY) -m pytest -q tests/test_cpu_only_build.py
+
+bench: build
+	$(PY) -m benchmarks --help
+
+clean:
+	rm -rf build vlm_kernels/_C*.so *.egg-info

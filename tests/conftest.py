@@ -1,0 +1,34 @@
+"""Session-wide test setup.
+
+- TRITON_INTERPRET=1 before anything imports triton: the triton backend then runs CPU tensors through
+  Triton's interpreter (DESIGN §4), and the interpreter's bf16 ``tl.dot`` fault is patched test-side.
+- Heavy cases are marked ``slow`` and deselected unless VLMK_SLOW_TESTS=1 (or ``-m slow`` is given).
+"""
+
+import os
+import zlib
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.triton_interpreter import patch_interpreter_bf16_dot  # noqa: E402
+
+patch_interpreter_bf16_dot()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("VLMK_SLOW_TESTS") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs in every test, reproducible from the test's id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield

@@ -1,0 +1,186 @@
+"""image_text_attention: text queries attend to image keys under a per-token image mask.
+
+    q [B, Lq, Hq, Dh], k/v [B, Lk, Hkv, Dh] (Hq % Hkv == 0), media_mask [B, Lq, M] bool, Lk == M * media_len
+    out[b, t] = softmax(scale * q[b, t] k[b]^T, keys j with media_mask[b, t, j // media_len]) v[b]
+
+The public function validates, then calls the custom op ``vlmk::image_text_attention``; its backward is
+the custom op ``vlmk::image_text_attention_backward``. Backends: see ``TABLE`` at the bottom.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlm_kernels._checks import (
+    FLOAT_DTYPES,
+    check_backend,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from vlm_kernels.ops._registry import kernel_table
+from vlm_kernels.reference.image_text_attention import (
+    image_text_attention_backward_reference,
+    image_text_attention_reference,
+)
+
+EMPTY_ROW_MODES = ("zero", "uniform")
+TABLE = kernel_table("image_text_attention")
+
+
+def image_text_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    media_mask: torch.Tensor,
+    *,
+    media_len: int,
+    scale: float | None = None,
+    empty_rows: str = "zero",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Cross-attention of text tokens to media tokens, each token seeing only its own media chunks.
+
+    Args:
+        q: [B, Lq, Hq, Dh] queries; any strides with a contiguous last dim (e.g. a slice of fused qkv).
+        k, v: [B, Lk, Hkv, Dh] keys and values of the media tokens, ``Hq % Hkv == 0`` (GQA/MQA).
+        media_mask: [B, Lq, M] bool, True where text token t may attend to media chunk m (an image or
+            a tile); build it with ``vlm_kernels.masks``.
+        media_len: tokens per media chunk; ``Lk`` must equal ``M * media_len``.
+        scale: softmax scale, default ``Dh ** -0.5``.
+        empty_rows: "zero" (rows that see no chunk output 0, with 0 gradient) or "uniform" (such rows
+            attend to all Lk keys, as Hugging Face Mllama's additive mask makes them).
+        backend: None/"auto", "reference", "cpu", "triton", "cuda" or "cuda_sim".
+
+    Returns:
+        [B, Lq, Hq, Dh] in q's dtype. Softmax in float32.
+    """
+    backend = check_backend(backend)
+    _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out, _ = image_text_attention_op(q, k, v, media_mask, media_len, scale, empty_rows, backend)
+    return out
+
+
+def _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows) -> None:
+    check_tensor("q", q, ndim=4, dtypes=(*FLOAT_DTYPES, torch.float64), shape_doc="[B, Lq, Hq, Dh]")
+    batch, query_len, heads_q, head_dim = q.shape
+    check_tensor("k", k, ndim=4, shape=(batch, None, None, head_dim), shape_doc="[B, Lk, Hkv, Dh]")
+    check_tensor("v", v, ndim=4, shape=tuple(k.shape), shape_doc="[B, Lk, Hkv, Dh] (= k's shape)")
+    check_same_dtype(q=q, k=k, v=v)
+    heads_kv = k.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(
+            f"the number of query heads Hq={heads_q} (q {tuple(q.shape)}) must be a multiple of the "
+            f"number of key/value heads Hkv={heads_kv} (k {tuple(k.shape)})"
+        )
+    check_tensor(
+        "media_mask",
+        media_mask,
+        ndim=3,
+        dtypes=(torch.bool,),
+        shape=(batch, query_len, None),
+        shape_doc="[B, Lq, M]",
+    )
+    check_same_device(q=q, k=k, v=v, media_mask=media_mask)
+    if isinstance(media_len, bool) or not isinstance(media_len, int) or media_len < 1:
+        raise ValueError(f"media_len must be a positive int, got {media_len!r}")
+    num_chunks = media_mask.shape[2]
+    if k.shape[1] != num_chunks * media_len:
+        raise ValueError(
+            f"k has Lk={k.shape[1]} keys but media_mask has M={num_chunks} chunks of media_len="
+            f"{media_len}: expected Lk == M * media_len == {num_chunks * media_len}"
+        )
+    if empty_rows not in EMPTY_ROW_MODES:
+        raise ValueError(f"empty_rows must be one of {EMPTY_ROW_MODES}, got {empty_rows!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+@torch.library.custom_op("vlmk::image_text_attention", mutates_args=())
+def image_text_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    media_mask: torch.Tensor,
+    media_len: int,
+    scale: float,
+    empty_rows: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [B, Lq, Hq, Dh], lse [B, Hq, Lq] float32, -inf on zeroed rows)."""
+    kernel = TABLE.forward_for(q.device, backend)
+    return kernel(q, k, v, media_mask, media_len, scale, empty_rows)
+
+
+@image_text_attention_op.register_fake
+def _(q, k, v, media_mask, media_len, scale, empty_rows, backend):
+    batch, query_len, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, query_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("vlmk::image_text_attention_backward", mutates_args=())
+def image_text_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    media_mask: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    media_len: int,
+    scale: float,
+    empty_rows: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) shaped like q, k, v."""
+    kernel = TABLE.backward_for(q.device, backend)
+    return kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows)
+
+
+@image_text_attention_backward_op.register_fake
+def _(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, media_mask, media_len, scale, empty_rows, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, media_mask, out, lse)
+    ctx.args = (media_len, scale, empty_rows, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, media_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = image_text_attention_backward_op(
+        grad_out.contiguous(), q, k, v, media_mask, out, lse, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+image_text_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- kernels, one entry per backend -------------------------------------------------------------------
+
+
+def _forward_reference(q, k, v, media_mask, media_len, scale, empty_rows):
+    out, lse = image_text_attention_reference(
+        q, k, v, media_mask, media_len=media_len, scale=scale, empty_rows=empty_rows, return_lse=True
+    )
+    return out.contiguous(), lse.float().contiguous()
+
+
+def _backward_reference(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    dq, dk, dv = image_text_attention_backward_reference(
+        grad_out, q, k, v, media_mask, out, lse, media_len=media_len, scale=scale, empty_rows=empty_rows
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+TABLE.forward["reference"] = _forward_reference
+TABLE.backward["reference"] = _backward_reference

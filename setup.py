@@ -17,7 +17,7 @@ from setuptools import find_packages, setup
 
 os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -46,7 +46,7 @@ def _extension():
     # the SIMT emulator (the cuda_sim backend). The CUDA-only glue lives in *_cuda.cpp files.
     glue = [s for s in _relative_sources("torch/*.cpp") if not s.endswith("_cuda.cpp")]
     sources = glue + _relative_sources("cpu/*.cpp") + _relative_sources("sim/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     include_dirs = [CSRC]
     if not _want_cuda():
         return CppExtension(
@@ -60,7 +60,7 @@ def _extension():
     sources += _relative_sources("torch/*_cuda.cpp") + _relative_sources("cuda/*.cu")
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
+        "-std=c++20",
         "--use_fast_math",
         "-lineinfo",
         # ptxas prints registers / spills / shared memory per kernel; the full report that tests read is
@@ -74,8 +74,8 @@ def _extension():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            # The single quotes survive into ninja's shell command so the macro is a string literal.
-            "cxx": [*cxx_flags, "-DVLMK_WITH_CUDA=1", f"'-DVLMK_CUDA_ARCHS=\"{archs}\"'"],
+            # torch shell-quotes each flag for ninja, so the macro arrives as a string literal.
+            "cxx": [*cxx_flags, "-DVLMK_WITH_CUDA=1", f'-DVLMK_CUDA_ARCHS="{archs}"'],
             "nvcc": nvcc_flags,
         },
         extra_link_args=["-fopenmp"],

@@ -10,10 +10,10 @@ import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tests.triton_interpreter import patch_interpreter_bf16_dot  # noqa: E402
+from tests.triton_interpreter import patch_interpreter_bf16_dot
 
 patch_interpreter_bf16_dot()
 

@@ -86,7 +86,9 @@ def test_perceiver_attention_matches_loops():
     expected = _attention_by_loops(
         q, torch.cat([k_media, k_lat], 1), torch.cat([v_media, v_lat], 1), visible, head_dim**-0.5
     )
-    out = perceiver_attention_reference(q, k_media, v_media, k_lat, v_lat, media_padding_mask=padding)
+    out = perceiver_attention_reference(
+        q, k_media, v_media, k_lat, v_lat, media_padding_mask=padding
+    )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -116,12 +118,17 @@ def test_patch_embed_matches_loops(with_cls):
                 for c in range(channels):
                     for u in range(patch):
                         for w in range(patch):
-                            x = (float(pixels[b, c, patch * r + u, patch * s + w]) / 255 - mean[c]) / std[c]
+                            x = (
+                                float(pixels[b, c, patch * r + u, patch * s + w]) / 255 - mean[c]
+                            ) / std[c]
                             acc += x * weight[:, c, u, w]
                 expected[b, token] = acc + pos[token]
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     conv = torch.nn.functional.conv2d(
-        (pixels.to(f64) / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), weight, bias, stride=patch
+        (pixels.to(f64) / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1),
+        weight,
+        bias,
+        stride=patch,
     )
     torch.testing.assert_close(out[:, with_cls:], conv.flatten(2).transpose(1, 2) + pos[with_cls:])
 

@@ -54,10 +54,15 @@ def _probe() -> dict[str, tuple[bool, str]]:
         if ext.built_with_cuda():
             note = f"compiled for sm_{', sm_'.join(ext.cuda_archs().split(';'))}"
             if not torch.cuda.is_available():
-                note += "; no CUDA device here (the cuda_sim backend runs the same source on the CPU)"
+                note += (
+                    "; no CUDA device here (the cuda_sim backend runs the same source on the CPU)"
+                )
             status["cuda"] = (True, note)
         else:
-            status["cuda"] = (False, "extension built without CUDA (VLMK_SKIP_CUDA_BUILD=1 or no nvcc)")
+            status["cuda"] = (
+                False,
+                "extension built without CUDA (VLMK_SKIP_CUDA_BUILD=1 or no nvcc)",
+            )
         status["cuda_sim"] = (True, "CUDA kernels' source run on the CPU by the SIMT emulator")
     if not _triton_installed():
         status["triton"] = (False, "triton is not installed")
@@ -114,9 +119,13 @@ def resolve_backend(
     status = _probe()
     if backend is not None and backend != "auto":
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {('auto', *BACKENDS)} or None, got {backend!r}")
+            raise ValueError(
+                f"backend must be one of {('auto', *BACKENDS)} or None, got {backend!r}"
+            )
         if backend not in kernels:
-            raise ValueError(f"{op} has no {backend!r} kernel yet; backends with a kernel: {kernels}")
+            raise ValueError(
+                f"{op} has no {backend!r} kernel yet; backends with a kernel: {kernels}"
+            )
         available, why = status[backend]
         if not available:
             raise ValueError(f"backend {backend!r} is not available: {why}")

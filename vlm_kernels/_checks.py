@@ -37,9 +37,7 @@ def check_tensor(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     doc = f" {shape_doc}" if shape_doc else ""
     if ndim is not None and value.dim() != ndim:
-        raise ValueError(
-            f"{name} must have {ndim} dimensions{doc}, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have {ndim} dimensions{doc}, got shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")

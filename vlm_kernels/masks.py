@@ -38,7 +38,13 @@ def from_image_token_ids(
         raise ValueError(f"tiles_per_image must be >= 1, got {tiles_per_image}")
     batch, seq_len = input_ids.shape
     if batch * seq_len == 0:
-        return torch.zeros(batch, seq_len, (num_media or 0) * tiles_per_image, dtype=torch.bool, device=input_ids.device)
+        return torch.zeros(
+            batch,
+            seq_len,
+            (num_media or 0) * tiles_per_image,
+            dtype=torch.bool,
+            device=input_ids.device,
+        )
     is_image = input_ids == image_token_id  # [B, S]
     image_counts = is_image.sum(-1)
     most_images = int(image_counts.max())

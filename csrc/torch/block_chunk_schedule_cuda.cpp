@@ -1,5 +1,5 @@
 // Torch glue for block_chunk_schedule on CUDA tensors (compiled only in the CUDA build).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> block_chunk_schedule_cuda(const at::Tensor& m
   const c10::cuda::CUDAGuard device_guard(media_mask.device());
   auto [chunk_count, chunk_ids, params] = prepare_block_chunk_schedule(media_mask, block_q);
   const int status =
-      cuda::launch_block_chunk_schedule(params, at::cuda::getCurrentCUDAStream().stream());
+      cuda::launch_block_chunk_schedule(params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == 0, "block_chunk_schedule launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(status)));
   return {chunk_count, chunk_ids};

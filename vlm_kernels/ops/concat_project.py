@@ -62,7 +62,9 @@ def _check_inputs(features, weight, bias) -> None:
     for i, f in enumerate(features):
         check_tensor(f"features[{i}]", f, dtypes=(*FLOAT_DTYPES, torch.float64))
         if f.dim() == 0:
-            raise ValueError(f"features[{i}] must have at least 1 dimension [..., D_l], got a scalar")
+            raise ValueError(
+                f"features[{i}] must have at least 1 dimension [..., D_l], got a scalar"
+            )
         if f.shape[:-1] != features[0].shape[:-1]:
             raise ValueError(
                 f"features must share their leading shape: features[0] is {tuple(features[0].shape)}, "
@@ -131,7 +133,9 @@ def _forward_reference(features, weight, bias):
 
 
 def _backward_reference(grad_out, features, weight):
-    grad_features, grad_weight, grad_bias = concat_project_backward_reference(grad_out, features, weight)
+    grad_features, grad_weight, grad_bias = concat_project_backward_reference(
+        grad_out, features, weight
+    )
     return [g.contiguous() for g in grad_features], grad_weight.contiguous(), grad_bias
 
 

@@ -170,14 +170,30 @@ image_text_attention_op.register_autograd(_backward, setup_context=_setup_contex
 
 def _forward_reference(q, k, v, media_mask, media_len, scale, empty_rows):
     out, lse = image_text_attention_reference(
-        q, k, v, media_mask, media_len=media_len, scale=scale, empty_rows=empty_rows, return_lse=True
+        q,
+        k,
+        v,
+        media_mask,
+        media_len=media_len,
+        scale=scale,
+        empty_rows=empty_rows,
+        return_lse=True,
     )
     return out.contiguous(), lse.float().contiguous()
 
 
 def _backward_reference(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
     dq, dk, dv = image_text_attention_backward_reference(
-        grad_out, q, k, v, media_mask, out, lse, media_len=media_len, scale=scale, empty_rows=empty_rows
+        grad_out,
+        q,
+        k,
+        v,
+        media_mask,
+        out,
+        lse,
+        media_len=media_len,
+        scale=scale,
+        empty_rows=empty_rows,
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 

@@ -55,7 +55,9 @@ def patch_embed(
     """
     backend = check_backend(backend)
     _check_inputs(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std)
-    return patch_embed_op(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std, backend)
+    return patch_embed_op(
+        pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std, backend
+    )
 
 
 def _check_inputs(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std) -> None:
@@ -65,7 +67,9 @@ def _check_inputs(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_
     check_tensor("weight", weight, ndim=4, dtypes=_ALL_FLOATS, shape_doc="[D, C, P, P]")
     dim, channels, patch, patch_w = weight.shape
     if patch != patch_w or patch == 0:
-        raise ValueError(f"weight must be [D, C, P, P] with square P x P patches, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be [D, C, P, P] with square P x P patches, got {tuple(weight.shape)}"
+        )
     check_tensor("pixels", pixels, shape=(None, channels, None, None), shape_doc="[B, C, H, W]")
     height, width = pixels.shape[2:]
     if height % patch or width % patch:
@@ -80,10 +84,14 @@ def _check_inputs(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_
         ("pos_embed", pos_embed, (num_tokens, dim), "[N, D], N = (H/P)*(W/P) + (1 if cls_token)"),
     ):
         if value is not None:
-            check_tensor(name, value, ndim=len(shape), dtypes=(weight.dtype,), shape=shape, shape_doc=doc)
+            check_tensor(
+                name, value, ndim=len(shape), dtypes=(weight.dtype,), shape=shape, shape_doc=doc
+            )
     for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
         if value is not None:
-            check_tensor(name, value, ndim=1, dtypes=_ALL_FLOATS, shape=(channels,), shape_doc="[C]")
+            check_tensor(
+                name, value, ndim=1, dtypes=_ALL_FLOATS, shape=(channels,), shape_doc="[C]"
+            )
     check_same_device(
         pixels=pixels,
         weight=weight,

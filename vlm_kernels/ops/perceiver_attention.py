@@ -70,14 +70,22 @@ def _check_inputs(q, k_media, v_media, k_latents, v_latents, media_padding_mask,
     check_tensor("q", q, ndim=4, dtypes=(*FLOAT_DTYPES, torch.float64), shape_doc="[B, Nl, Hq, Dh]")
     batch, num_latents, heads_q, head_dim = q.shape
     check_tensor(
-        "k_media", k_media, ndim=4, shape=(batch, None, None, head_dim), shape_doc="[B, Nm, Hkv, Dh]"
+        "k_media",
+        k_media,
+        ndim=4,
+        shape=(batch, None, None, head_dim),
+        shape_doc="[B, Nm, Hkv, Dh]",
     )
     batch, num_media, heads_kv, _ = k_media.shape
-    check_tensor("v_media", v_media, ndim=4, shape=tuple(k_media.shape), shape_doc="[B, Nm, Hkv, Dh]")
+    check_tensor(
+        "v_media", v_media, ndim=4, shape=tuple(k_media.shape), shape_doc="[B, Nm, Hkv, Dh]"
+    )
     latent_shape = (batch, num_latents, heads_kv, head_dim)
     check_tensor("k_latents", k_latents, ndim=4, shape=latent_shape, shape_doc="[B, Nl, Hkv, Dh]")
     check_tensor("v_latents", v_latents, ndim=4, shape=latent_shape, shape_doc="[B, Nl, Hkv, Dh]")
-    check_same_dtype(q=q, k_media=k_media, v_media=v_media, k_latents=k_latents, v_latents=v_latents)
+    check_same_dtype(
+        q=q, k_media=k_media, v_media=v_media, k_latents=k_latents, v_latents=v_latents
+    )
     if heads_kv == 0 or heads_q % heads_kv != 0:
         raise ValueError(
             f"the number of query heads Hq={heads_q} (q {tuple(q.shape)}) must be a multiple of the "
@@ -148,7 +156,19 @@ def perceiver_attention_backward_op(
 
 
 @perceiver_attention_backward_op.register_fake
-def _(grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale, backend):
+def _(
+    grad_out,
+    q,
+    k_media,
+    v_media,
+    k_latents,
+    v_latents,
+    media_padding_mask,
+    out,
+    lse,
+    scale,
+    backend,
+):
     return tuple(x.new_empty(x.shape) for x in (q, k_media, v_media, k_latents, v_latents))
 
 
@@ -189,7 +209,16 @@ def _backward_reference(
     grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
 ):
     grads = perceiver_attention_backward_reference(
-        grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale=scale
+        grad_out,
+        q,
+        k_media,
+        v_media,
+        k_latents,
+        v_latents,
+        media_padding_mask,
+        out,
+        lse,
+        scale=scale,
     )
     return tuple(g.contiguous() for g in grads)
 

@@ -57,7 +57,9 @@ def masked_attention_backward(grad_out, q, k, v, key_visible, out, lse, scale):
     dk = scale * (d_scores.transpose(-1, -2) @ _heads_first(q, dtype, 1))
     dv = probs.transpose(-1, -2) @ d_out
 
-    def per_kv_head(x):  # [B, Hq, Lk, Dh] -> [B, Lk, Hkv, Dh], summed over each group of query heads
+    def per_kv_head(
+        x,
+    ):  # [B, Hq, Lk, Dh] -> [B, Lk, Hkv, Dh], summed over each group of query heads
         x = x.reshape(batch, heads_kv, group, -1, head_dim).sum(2)
         return x.transpose(1, 2)
 

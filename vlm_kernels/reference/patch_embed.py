@@ -86,7 +86,7 @@ def patch_embed_backward_reference(
     cotangent ``grad_out [B, N, D]``. Tensors the caller does not need may be ignored; the pixel gradient
     is empty unless ``need_pixels_grad``."""
     dtype = compute_dtype(pixels, weight)
-    batch, channels, height, width = pixels.shape
+    _, channels, height, width = pixels.shape
     dim, _, patch, _ = weight.shape
     grad = grad_out.to(dtype)
     grad_pos = grad.sum(0)
@@ -95,9 +95,9 @@ def patch_embed_backward_reference(
     grad_bias = grad_patches.sum((0, 1))
     x = normalized_pixels(pixels, pixel_mean, pixel_std, dtype)
     patches = to_patches(x, patch)  # [B, Np, C*P*P]
-    grad_weight = (grad_patches.reshape(-1, dim).T @ patches.reshape(-1, patches.shape[-1])).reshape(
-        weight.shape
-    )
+    grad_weight = (
+        grad_patches.reshape(-1, dim).T @ patches.reshape(-1, patches.shape[-1])
+    ).reshape(weight.shape)
     if need_pixels_grad:
         grad_x = from_patches(
             grad_patches @ weight.to(dtype).reshape(dim, -1), channels, height, width, patch

@@ -1,0 +1,153 @@
+"""Timing and peak-memory measurement.
+
+Timing: `warmup` untimed calls, then `repeats` timed calls; the median and the 20th/80th
+percentiles are reported. CPU: wall clock (time.perf_counter) around each call. CUDA: CUDA events
+around each call, with the L2 cache flushed before each one (as triton.testing.do_bench does).
+
+Peak memory: CUDA: torch.cuda.max_memory_allocated during one call minus the allocation before it
+(exact for the caching allocator). CPU: the resident set size (psutil) sampled by a thread every
+`interval_s` during one call, peak minus the RSS before it, after gc and glibc malloc_trim(0) so
+freed heap pages are not silently reused. Sampled RSS is approximate: allocations shorter than the
+interval can be missed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CPU_MEMORY_METHOD = "peak RSS delta (psutil sampler thread)"
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated delta"
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples_ms: tuple[float, ...]
+
+
+def summarize(samples_ms: Sequence[float]) -> Timing:
+    """Median and 20th/80th percentiles (linear interpolation between closest ranks)."""
+    if not samples_ms:
+        raise ValueError("summarize needs at least one sample")
+    ordered = sorted(samples_ms)
+
+    def percentile(q: float) -> float:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return Timing(statistics.median(ordered), percentile(0.2), percentile(0.8), tuple(samples_ms))
+
+
+def time_calls(
+    step: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> Timing:
+    """Time `step` on `device`: `warmup` untimed calls then `repeats` timed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        return summarize(_cuda_samples(step, device, repeats))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return summarize(samples)
+
+
+def _cuda_samples(step, device, repeats) -> list[float]:
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for start, end in zip(starts, ends, strict=True):
+        flush.zero_()
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim (returns freed heap pages to the OS), or None elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+class RssPeakSampler:
+    """Samples this process's RSS in a thread; `peak_bytes` is the peak minus the RSS at start."""
+
+    def __init__(self, interval_s: float = 0.001):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.baseline = 0
+        self.peak = 0
+
+    def _rss(self) -> int:
+        return self._process.memory_info().rss
+
+    def _sample(self):
+        while not self._stop.wait(self._interval_s):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        self.baseline = self.peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = max(self.peak, self._rss())
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.peak - self.baseline, 0)
+
+
+def peak_memory(
+    step: Callable[[], object], device: torch.device, interval_s: float = 0.001
+) -> tuple[int, str]:
+    """(peak bytes of one call of `step` above what was allocated before it, the method's name)."""
+    gc.collect(1)  # young generations: the previous call's cycles (a full collection costs ~0.2 s)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return max(peak, 0), CUDA_MEMORY_METHOD
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    with RssPeakSampler(interval_s) as sampler:
+        result = step()
+    del result
+    return sampler.peak_bytes, CPU_MEMORY_METHOD

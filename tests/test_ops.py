@@ -53,10 +53,11 @@ def _patch_inputs(with_uint8=False):
 # ---- opcheck -------------------------------------------------------------------------------------------
 
 
-def test_opcheck_image_text_attention():
-    q, k, v, media_mask, media_len = _attention_inputs()
+@pytest.mark.parametrize("backend", ["reference", "cuda_sim"])
+def test_opcheck_image_text_attention(backend):
+    q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
     for empty_rows in ("zero", "uniform"):
-        args = (q, k, v, media_mask, media_len, 0.25, empty_rows, "reference")
+        args = (q, k, v, media_mask, media_len, 0.25, empty_rows, backend)
         torch.library.opcheck(image_text_attention_op, args)
 
 
@@ -215,7 +216,10 @@ def test_available_backends_reports_every_backend_with_reasons():
 
 def test_explicit_backend_without_kernel_is_a_clear_error():
     q, k, v, media_mask, media_len = _attention_inputs()
+    *perceiver_tensors, _ = _perceiver_inputs()
     with pytest.raises(ValueError, match="no 'cuda' kernel"):
+        vk.perceiver_attention(*perceiver_tensors, backend="cuda")
+    with pytest.raises(ValueError, match="cannot run cpu tensors"):
         vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="cuda")
     with pytest.raises(ValueError, match="backend must be"):
         vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="gpu")

@@ -2,6 +2,7 @@
 // (vlm_kernels/ops); they call these functions from their kernel tables.
 #include <torch/extension.h>
 
+#include "torch/image_text_attention_gpu.h"
 #include "torch/ops.h"
 
 #ifndef VLMK_CUDA_ARCHS
@@ -14,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(VLMK_WITH_CUDA)
   m.def("built_with_cuda", [] { return true; });
   m.def("block_chunk_schedule_cuda", &vlmk::block_chunk_schedule_cuda, "media_mask"_a, "block_q"_a);
+  m.def("image_text_attention_fwd_cuda", &vlmk::image_text_attention_fwd_cuda, "q"_a, "k"_a, "v"_a,
+        "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
@@ -22,4 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_chunk_schedule_cpu", &vlmk::block_chunk_schedule_cpu, "media_mask"_a, "block_q"_a);
   m.def("block_chunk_schedule_cuda_sim", &vlmk::block_chunk_schedule_cuda_sim, "media_mask"_a,
         "block_q"_a);
+  m.def("image_text_attention_fwd_cuda_sim", &vlmk::image_text_attention_fwd_cuda_sim, "q"_a, "k"_a,
+        "v"_a, "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
 }

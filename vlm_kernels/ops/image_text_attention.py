@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
@@ -198,5 +199,27 @@ def _backward_reference(grad_out, q, k, v, media_mask, out, lse, media_len, scal
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
+def _compiled_forward(function_name: str):
+    """A forward kernel of vlm_kernels._C; those kernels take fp32/bf16/fp16 and head dims 64/80/96/128."""
+
+    def kernel(q, k, v, media_mask, media_len, scale, empty_rows):
+        if q.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{function_name} supports float32, bfloat16 and float16, got {q.dtype}")
+        if q.shape[-1] not in CUDA_HEAD_DIMS:
+            raise ValueError(
+                f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
+            )
+        function = getattr(_extension()[0], function_name)
+        return function(q, k, v, media_mask, media_len, scale, empty_rows == "uniform")
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+CUDA_HEAD_DIMS = (64, 80, 96, 128)
+
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+# CUDA: forward kernels (prefill, and split-KV decode for Lq <= 16); their backward is the reference's.
+TABLE.forward["cuda"] = _compiled_forward("image_text_attention_fwd_cuda")
+TABLE.forward["cuda_sim"] = _compiled_forward("image_text_attention_fwd_cuda_sim")

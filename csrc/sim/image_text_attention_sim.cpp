@@ -1,0 +1,13 @@
+// The CUDA kernels' own source compiled as host C++ through the SIMT emulator (cuda_sim backend).
+#define VLMK_SIMT 1
+#include "cuda/image_text_attention.cu"
+
+namespace vlmk {
+namespace sim {
+
+const char* image_text_attention_error_string(int status) {
+  return cudaGetErrorString(static_cast<cudaError_t>(status));
+}
+
+}  // namespace sim
+}  // namespace vlmk

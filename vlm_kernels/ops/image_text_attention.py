@@ -204,7 +204,9 @@ def _compiled_forward(function_name: str):
 
     def kernel(q, k, v, media_mask, media_len, scale, empty_rows):
         if q.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{function_name} supports float32, bfloat16 and float16, got {q.dtype}")
+            raise TypeError(
+                f"{function_name} supports float32, bfloat16 and float16, got {q.dtype}"
+            )
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"

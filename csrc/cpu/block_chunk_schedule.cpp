@@ -1,11 +1,11 @@
 // block_chunk_schedule on the CPU (semantics in cuda/block_chunk_schedule.h): one task per
 // (batch, query block), parallel over them with at::parallel_for.
-#include "cpu/kernels.h"
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "cpu/kernels.h"
 
 namespace vlmk {
 namespace cpu {
@@ -13,7 +13,8 @@ namespace cpu {
 void block_chunk_schedule(const BlockChunkScheduleParams& p) {
   const int64_t blocks = p.batch * p.num_query_blocks;
   // Each task reads block_q * M mask bytes; group enough tasks that a thread gets ~32 KB of work.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.block_q * p.num_chunks));
+  const int64_t grain =
+      std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.block_q * p.num_chunks));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> visible(static_cast<size_t>(p.num_chunks));
     for (int64_t block = begin; block < end; ++block) {

@@ -1,11 +1,12 @@
 // block_chunk_schedule kernel (semantics in block_chunk_schedule.h).
 //
-// One thread block per (batch, query block). Threads own chunks: thread i tests chunk m0 + i over the
-// block's query rows (consecutive threads read consecutive bytes of a mask row), then the block compacts
-// the visible chunks in ascending order: a warp ballot gives each thread its rank inside its warp, the
-// per-warp totals in shared memory give each warp its offset, and a running offset carries across tiles
-// of kThreads chunks. The same source is compiled by nvcc (namespace vlmk::cuda) and, with VLMK_SIMT, as
-// host C++ through the SIMT emulator (namespace vlmk::sim) for the cuda_sim backend.
+// One thread block per (batch, query block). Threads own chunks: thread i tests chunk m0 + i over
+// the block's query rows (consecutive threads read consecutive bytes of a mask row), then the block
+// compacts the visible chunks in ascending order: a warp ballot gives each thread its rank inside
+// its warp, the per-warp totals in shared memory give each warp its offset, and a running offset
+// carries across tiles of kThreads chunks. The same source is compiled by nvcc (namespace
+// vlmk::cuda) and, with VLMK_SIMT, as host C++ through the SIMT emulator (namespace vlmk::sim) for
+// the cuda_sim backend.
 #include "common/cuda_compat.cuh"
 #include "cuda/block_chunk_schedule.h"
 
@@ -67,7 +68,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const int32_t count = tile_offset;
-  for (int64_t chunk = count + threadIdx.x; chunk < p.num_chunks; chunk += kThreads) ids[chunk] = -1;
+  for (int64_t chunk = count + threadIdx.x; chunk < p.num_chunks; chunk += kThreads)
+    ids[chunk] = -1;
   if (threadIdx.x == 0) p.chunk_count[blockIdx.x] = count;
 }
 

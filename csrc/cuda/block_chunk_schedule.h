@@ -1,11 +1,11 @@
 // block_chunk_schedule: the media chunks each block of `block_q` query rows must visit.
 //
 //   media_mask [B, Lq, M] bool  ->  chunk_count [B, nQB] int32, chunk_ids [B, nQB, M] int32
-//   chunk_ids[b, qb, :chunk_count[b, qb]] = ascending chunks m with media_mask[b, t, m] for some t in
-//   [qb * block_q, min(Lq, (qb + 1) * block_q)); the remaining entries are -1.
+//   chunk_ids[b, qb, :chunk_count[b, qb]] = ascending chunks m with media_mask[b, t, m] for some t
+//   in [qb * block_q, min(Lq, (qb + 1) * block_q)); the remaining entries are -1.
 //
-// Torch-free declarations shared by the CUDA build, the SIMT-emulated build (cuda_sim) and the torch
-// glue. The kernel and its launcher live in block_chunk_schedule.cu.
+// Torch-free declarations shared by the CUDA build, the SIMT-emulated build (cuda_sim) and the
+// torch glue. The kernel and its launcher live in block_chunk_schedule.cu.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 // Torch glue for block_chunk_schedule on CUDA tensors (compiled only in the CUDA build).
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include "torch/block_chunk_schedule_glue.h"

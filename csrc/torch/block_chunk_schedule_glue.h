@@ -1,5 +1,6 @@
-// Tensor checks, output allocation and params for block_chunk_schedule, shared by the CPU, emulator and
-// CUDA glue (the Python op has already validated; these checks guard direct callers of vlm_kernels._C).
+// Tensor checks, output allocation and params for block_chunk_schedule, shared by the CPU, emulator
+// and CUDA glue (the Python op has already validated; these checks guard direct callers of
+// vlm_kernels._C).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,7 +13,8 @@ namespace vlmk {
 
 inline std::tuple<at::Tensor, at::Tensor, BlockChunkScheduleParams> prepare_block_chunk_schedule(
     const at::Tensor& media_mask, int64_t block_q) {
-  TORCH_CHECK(media_mask.dim() == 3, "media_mask must be [B, Lq, M], got shape ", media_mask.sizes());
+  TORCH_CHECK(media_mask.dim() == 3, "media_mask must be [B, Lq, M], got shape ",
+              media_mask.sizes());
   TORCH_CHECK(media_mask.scalar_type() == at::kBool, "media_mask must be bool, got ",
               media_mask.scalar_type());
   TORCH_CHECK(block_q >= 1, "block_q must be >= 1, got ", block_q);

@@ -19,14 +19,29 @@ class KernelTable:
     op_name: str
     forward: dict[str, Callable] = field(default_factory=dict)
     backward: dict[str, Callable] = field(default_factory=dict)
+    # Backends whose kernels take only some dtypes (e.g. no float64); absent = every dtype.
+    dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
-    def forward_for(self, device: torch.device, backend: str) -> Callable:
-        return self.forward[resolve_backend(self.op_name, self.forward, device, backend)]
+    def _backend(self, device: torch.device, backend: str, dtype: torch.dtype | None) -> str:
+        kernels = [
+            name
+            for name in self.forward
+            if dtype is None or dtype in self.dtypes.get(name, (dtype,))
+        ]
+        what = self.op_name if dtype is None else f"{self.op_name} ({dtype})"
+        return resolve_backend(what, kernels, device, backend)
 
-    def backward_for(self, device: torch.device, backend: str) -> Callable:
-        # The backward runs on the same backend as the forward would; an op whose backend has a forward
-        # kernel but no backward kernel falls back to the reference backward.
-        name = resolve_backend(self.op_name, self.forward, device, backend)
+    def forward_for(
+        self, device: torch.device, backend: str, dtype: torch.dtype | None = None
+    ) -> Callable:
+        return self.forward[self._backend(device, backend, dtype)]
+
+    def backward_for(
+        self, device: torch.device, backend: str, dtype: torch.dtype | None = None
+    ) -> Callable:
+        # The backward runs on the backend the forward ran on; a backend with a forward kernel but no
+        # backward kernel falls back to the reference backward.
+        name = self._backend(device, backend, dtype)
         return self.backward.get(name, self.backward["reference"])
 
 

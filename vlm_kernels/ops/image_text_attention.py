@@ -113,7 +113,7 @@ def image_text_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Lq, Hq, Dh], lse [B, Hq, Lq] float32, -inf on zeroed rows)."""
-    kernel = TABLE.forward_for(q.device, backend)
+    kernel = TABLE.forward_for(q.device, backend, q.dtype)
     return kernel(q, k, v, media_mask, media_len, scale, empty_rows)
 
 
@@ -138,7 +138,7 @@ def image_text_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) shaped like q, k, v."""
-    kernel = TABLE.backward_for(q.device, backend)
+    kernel = TABLE.backward_for(q.device, backend, q.dtype)
     return kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows)
 
 
@@ -200,13 +200,9 @@ def _backward_reference(grad_out, q, k, v, media_mask, out, lse, media_len, scal
 
 
 def _compiled_forward(function_name: str):
-    """A forward kernel of vlm_kernels._C; those kernels take fp32/bf16/fp16 and head dims 64/80/96/128."""
+    """A forward kernel of vlm_kernels._C (head dims 64/80/96/128)."""
 
     def kernel(q, k, v, media_mask, media_len, scale, empty_rows):
-        if q.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{function_name} supports float32, bfloat16 and float16, got {q.dtype}"
-            )
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
@@ -225,3 +221,24 @@ TABLE.backward["reference"] = _backward_reference
 # CUDA: forward kernels (prefill, and split-KV decode for Lq <= 16); their backward is the reference's.
 TABLE.forward["cuda"] = _compiled_forward("image_text_attention_fwd_cuda")
 TABLE.forward["cuda_sim"] = _compiled_forward("image_text_attention_fwd_cuda_sim")
+
+
+def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows):
+    from vlm_kernels.triton.image_text_attention import image_text_attention_fwd_triton
+
+    return image_text_attention_fwd_triton(q, k, v, media_mask, media_len, scale, empty_rows)
+
+
+def _backward_triton(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    from vlm_kernels.triton.image_text_attention import image_text_attention_bwd_triton
+
+    return image_text_attention_bwd_triton(
+        grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows
+    )
+
+
+TABLE.forward["triton"] = _forward_triton
+TABLE.backward["triton"] = _backward_triton
+# The compiled and Triton kernels take 16/32-bit floats; float64 stays on the reference.
+for _backend in ("cuda", "cuda_sim", "triton"):
+    TABLE.dtypes[_backend] = FLOAT_DTYPES

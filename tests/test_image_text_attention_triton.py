@@ -1,0 +1,421 @@
+"""The Triton image_text_attention kernels (forward, backward, split-KV decode) against the reference,
+on CPU tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 and patches the
+interpreter's bf16 ``tl.dot``). Tolerances: DESIGN §6 via tests/attention_testing.py.
+
+The interpreter runs every program one after another in numpy, so shapes stay small; heavier cases are
+marked ``slow``. Every kernel output buffer is poisoned with NaN at allocation (``poisoned_allocations``),
+so an element a kernel forgets to write fails the comparison.
+"""
+
+import contextlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from tests.attention_testing import (
+    check_against_reference,
+    make_case,
+    random_media_mask,
+)
+
+triton = pytest.importorskip("triton")
+if not triton.knobs.runtime.interpret:
+    pytest.skip(
+        "TRITON_INTERPRET=1 was not set before triton was imported", allow_module_level=True
+    )
+
+from vlm_kernels.triton import image_text_attention as ita  # noqa: E402
+from vlm_kernels.triton.aot import REGISTRY  # noqa: E402
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """``torch.empty`` / ``torch.empty_like`` give NaN-filled float tensors while active."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def forward(q, k, v, media_mask, media_len, scale, empty_rows):
+    """The kernel-table forward (decode path for Lq <= 16, else prefill)."""
+    with poisoned_allocations():
+        return ita.image_text_attention_fwd_triton(
+            q, k, v, media_mask, media_len, scale, empty_rows
+        )
+
+
+def backward(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    with poisoned_allocations():
+        return ita.image_text_attention_bwd_triton(
+            grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows
+        )
+
+
+def _outputs(q):
+    batch, query_len, heads_q, _ = q.shape
+    with poisoned_allocations():
+        out = torch.empty(q.shape, dtype=q.dtype)
+        lse = torch.empty((batch, heads_q, query_len), dtype=torch.float32)
+    return out, lse
+
+
+def prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows):
+    """The prefill kernel whatever Lq (the forward routes Lq <= 16 to the decode path)."""
+    out, lse = _outputs(q)
+    with poisoned_allocations():
+        ita._prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse)
+    return out, lse
+
+
+def decode_forward(num_splits=None):
+    """The split-KV decode path whatever Lq, with ``num_splits`` forced (None: the heuristic)."""
+
+    def run(q, k, v, media_mask, media_len, scale, empty_rows):
+        out, lse = _outputs(q)
+        with poisoned_allocations():
+            ita._decode_forward(
+                q, k, v, media_mask, media_len, scale, empty_rows, out, lse, num_splits
+            )
+        return out, lse
+
+    return run
+
+
+# ---- forward and backward against the reference ----------------------------------------------------
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+# (batch, Lq, Hq, Hkv, Dh, chunks, media_len, dtype, mask kind, empty_rows). A covering set rather than
+# the full product (each case costs ~1-3 s in the interpreter): every dtype, Lq in {1, 7, 97},
+# media_len in {1, 17, 64, 65}, 1-5 chunks, Hq/Hkv 4/4, 8/2, 8/1, Dh 64/80/128, every mask kind and
+# both empty-row modes appear; Lq 1 and 7 take the decode path forward.
+CASES = [
+    (1, 97, 4, 4, 64, 3, 65, F32, "random", "zero"),
+    (1, 97, 8, 2, 80, 2, 17, BF16, "random", "uniform"),
+    (1, 97, 8, 1, 128, 2, 64, F16, "runs", "zero"),
+    (1, 97, 8, 2, 128, 5, 17, F32, "gappy", "zero"),
+    (2, 97, 4, 4, 64, 1, 64, BF16, "all", "zero"),
+    (1, 97, 4, 4, 80, 3, 1, F32, "random", "uniform"),
+    (1, 97, 8, 2, 64, 4, 17, F16, "none", "uniform"),
+    (1, 97, 4, 4, 64, 2, 65, F32, "none", "zero"),
+    (1, 97, 4, 4, 64, 4, 17, BF16, "runs", "uniform"),
+    (1, 7, 8, 2, 64, 3, 65, BF16, "random", "zero"),
+    (2, 1, 4, 4, 80, 5, 17, F32, "random", "uniform"),
+    (1, 7, 8, 1, 128, 2, 64, F16, "runs", "uniform"),
+    (1, 7, 4, 4, 64, 4, 1, F32, "gappy", "zero"),
+    (2, 1, 8, 2, 64, 2, 65, F16, "none", "zero"),
+]
+
+
+def _case_id(case):
+    batch, query_len, hq, hkv, dh, chunks, media_len, dtype, kind, empty = case
+    name = str(dtype).replace("torch.", "")
+    return f"{name}-B{batch}-Lq{query_len}-h{hq}/{hkv}-d{dh}-M{chunks}x{media_len}-{kind}-{empty}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_and_backward_match_reference(case):
+    batch, query_len, hq, hkv, dh, chunks, media_len, dtype, kind, empty = case
+    attention = make_case(
+        batch,
+        query_len,
+        hq,
+        hkv,
+        dh,
+        chunks,
+        media_len,
+        dtype=dtype,
+        mask_kind=kind,
+        empty_rows=empty,
+    )
+    check_against_reference(attention, forward, backward)
+
+
+@pytest.mark.parametrize(
+    "query_len, dtype, kind, empty",
+    [(1, F32, "random", "zero"), (7, BF16, "gappy", "uniform"), (7, F16, "random", "zero")],
+)
+def test_prefill_kernel_at_decode_lengths(query_len, dtype, kind, empty):
+    attention = make_case(
+        1, query_len, 8, 2, 80, 3, 17, dtype=dtype, mask_kind=kind, empty_rows=empty
+    )
+    check_against_reference(attention, prefill_forward)
+
+
+@pytest.mark.parametrize(
+    "query_len, heads, chunks, media_len, dtype, num_splits",
+    [
+        (1, (4, 4), 4, 100, F32, None),
+        (1, (8, 1), 5, 97, BF16, 3),
+        (16, (8, 2), 4, 100, F32, 1),
+        (16, (8, 2), 4, 100, F16, 7),
+        (16, (8, 1), 3, 128, BF16, None),  # 128 rows of one kv group: two row blocks
+        (16, (4, 4), 2, 65, BF16, 16),  # more splits than tiles: empty splits
+    ],
+    ids=lambda value: str(value).replace("torch.", ""),
+)
+def test_decode_path_matches_reference(query_len, heads, chunks, media_len, dtype, num_splits):
+    """Split-KV decode over several hundred keys, each split count giving the same answer."""
+    attention = make_case(
+        2, query_len, *heads, 64, chunks, media_len, dtype=dtype, mask_kind="random"
+    )
+    check_against_reference(attention, decode_forward(num_splits))
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+def test_decode_path_matches_prefill_kernel(empty_rows):
+    attention = make_case(1, 16, 8, 2, 64, 3, 65, mask_kind="random", empty_rows=empty_rows)
+    args = (attention.q, attention.k, attention.v, attention.media_mask, 65, attention.scale)
+    out_decode, lse_decode = decode_forward(3)(*args, empty_rows)
+    out_prefill, lse_prefill = prefill_forward(*args, empty_rows)
+    torch.testing.assert_close(out_decode, out_prefill, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_decode, lse_prefill, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "query_len, dtype",
+    [(97, BF16), (97, F32), (7, F16)],
+    ids=["prefill-bf16", "prefill-fp32", "decode-fp16"],
+)
+def test_fused_qkv_strided_inputs(query_len, dtype):
+    attention = make_case(
+        1, query_len, 4, 2, 64, 2, 65, dtype=dtype, fused_qkv=True, mask_kind="random"
+    )
+    assert not attention.q.is_contiguous() and attention.q.stride(-1) == 1
+    check_against_reference(attention, forward, backward)
+
+
+def test_strided_media_mask():
+    attention = make_case(1, 97, 4, 4, 64, 3, 17, mask_kind="random")
+    mask = torch.rand(1, 3, 97) < 0.5  # [B, M, Lq] storage, read as a [B, Lq, M] view
+    mask[:, :, 0] = False
+    attention.media_mask = mask.transpose(1, 2)
+    assert not attention.media_mask.is_contiguous()
+    check_against_reference(attention, forward, backward)
+
+
+@pytest.mark.parametrize(
+    "query_len, dtype",
+    [(97, F32), (97, BF16), (16, F16)],
+    ids=["prefill-fp32", "prefill-bf16", "decode-fp16"],
+)
+def test_large_logits_do_not_overflow(query_len, dtype):
+    attention = make_case(1, query_len, 4, 2, 64, 3, 17, dtype=dtype, logit_scale=30.0)
+    check_against_reference(attention, forward, backward)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 256, 8, 2, 96, 4, 64, BF16, "runs", "zero"),
+        (1, 256, 8, 8, 128, 5, 65, F32, "random", "uniform"),
+        (2, 200, 8, 1, 80, 3, 129, F16, "gappy", "zero"),
+    ],
+    ids=_case_id,
+)
+def test_larger_shapes(case):
+    batch, query_len, hq, hkv, dh, chunks, media_len, dtype, kind, empty = case
+    attention = make_case(
+        batch,
+        query_len,
+        hq,
+        hkv,
+        dh,
+        chunks,
+        media_len,
+        dtype=dtype,
+        mask_kind=kind,
+        empty_rows=empty,
+    )
+    check_against_reference(attention, forward, backward)
+
+
+# ---- determinism, skipping, edges ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query_len", [97, 7], ids=["prefill", "decode"])
+def test_forward_and_backward_are_deterministic(query_len):
+    attention = make_case(1, query_len, 4, 2, 64, 2, 65, dtype=BF16, mask_kind="random")
+    args = (attention.media_mask, attention.media_len, attention.scale, attention.empty_rows)
+    out, lse = forward(attention.q, attention.k, attention.v, *args)
+    again = forward(attention.q, attention.k, attention.v, *args)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+    grad_out = torch.randn_like(out)
+    grads = backward(grad_out, attention.q, attention.k, attention.v, args[0], out, lse, *args[1:])
+    grads_again = backward(
+        grad_out, attention.q, attention.k, attention.v, args[0], out, lse, *args[1:]
+    )
+    for first, second in zip(grads, grads_again, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "query_len, empty_rows",
+    [(97, "zero"), (97, "uniform"), (5, "zero")],
+    ids=["prefill-zero", "prefill-uniform", "decode-zero"],
+)
+def test_invisible_chunks_are_never_loaded(query_len, empty_rows):
+    """k and v of a chunk that no query sees are NaN: a kernel that loaded them, even under a mask,
+    would spread the NaN (0 * NaN); the outputs must instead equal those of clean inputs bit for bit,
+    and that chunk's dk, dv must be exactly 0."""
+    chunks, media_len, hidden = 4, 33, 2
+    attention = make_case(1, query_len, 4, 2, 64, chunks, media_len, dtype=BF16)
+    mask = attention.media_mask
+    mask[:, :, hidden] = False
+    if empty_rows == "uniform":
+        mask[:, :, 0] = True  # no empty row: it would see every chunk
+    attention.empty_rows = empty_rows
+    keys = slice(hidden * media_len, (hidden + 1) * media_len)
+    poisoned_k, poisoned_v = attention.k.clone(), attention.v.clone()
+    poisoned_k[:, keys] = float("nan")
+    poisoned_v[:, keys] = float("nan")
+    args = (mask, media_len, attention.scale, empty_rows)
+
+    out, lse = forward(attention.q, attention.k, attention.v, *args)
+    out_poisoned, lse_poisoned = forward(attention.q, poisoned_k, poisoned_v, *args)
+    assert torch.equal(out, out_poisoned) and torch.equal(lse, lse_poisoned)
+    check_against_reference(attention, forward)
+
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = backward(
+        grad_out, attention.q, attention.k, attention.v, mask, out, lse, *args[1:]
+    )
+    grads = backward(grad_out, attention.q, poisoned_k, poisoned_v, mask, out, lse, *args[1:])
+    assert torch.equal(dq, grads[0])
+    for clean, poisoned in ((dk, grads[1]), (dv, grads[2])):
+        assert torch.equal(poisoned[:, keys], torch.zeros_like(poisoned[:, keys]))
+        assert torch.equal(clean, poisoned)
+
+
+def test_query_blocks_visit_only_their_chunks(monkeypatch):
+    """The forward walks the schedule of its own query blocks: with the Mllama "runs" mask each block
+    gets only the chunks its rows see (the poison test proves the kernel loads nothing else)."""
+    seen = []
+
+    def spy(media_mask, block_q):
+        result = schedule(media_mask, block_q)
+        seen.append((block_q, *result))
+        return result
+
+    schedule = ita.block_chunk_schedule_triton
+    monkeypatch.setattr(ita, "block_chunk_schedule_triton", spy)
+    # bf16: query blocks of 64 rows; runs of 32 rows, so each block sees two of the four chunks.
+    attention = make_case(1, 128, 4, 4, 64, 4, 17, dtype=BF16, mask_kind="runs")
+    check_against_reference(attention, forward)
+    block_q, chunk_count, chunk_ids = seen[0]
+    assert block_q == ita._TILES[2].fwd_block_m[0] == 64
+    assert chunk_count.tolist() == [[2, 2]]
+    assert chunk_ids[0, :, :2].tolist() == [[0, 1], [2, 3]]
+
+
+def test_block_visibility_and_transposed_schedule():
+    mask = random_media_mask(2, 70, 5)
+    mask[1, 32:64] = False  # block 1 of batch 1 sees nothing
+    visible = ita._block_visibility(mask, 32)
+    padded = torch.zeros(2, 96, 5, dtype=torch.bool)
+    padded[:, :70] = mask
+    assert torch.equal(visible, padded.view(2, 3, 32, 5).any(2))
+    qb_count, qb_ids = ita.block_chunk_schedule_triton(visible.transpose(1, 2), 1)
+    for b in range(2):
+        for m in range(5):
+            expected = visible[b, :, m].nonzero().flatten().tolist()
+            assert qb_count[b, m].item() == len(expected)
+            assert qb_ids[b, m, : len(expected)].tolist() == expected
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
+@pytest.mark.parametrize("query_len", [97, 3], ids=["prefill", "decode"])
+def test_no_keys(query_len, empty_rows):
+    q = torch.randn(1, query_len, 4, 64)
+    k = v = torch.randn(1, 0, 2, 64)
+    mask = torch.zeros(1, query_len, 0, dtype=torch.bool)
+    out, lse = forward(q, k, v, mask, 17, 0.125, empty_rows)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+    dq, dk, dv = backward(torch.randn_like(out), q, k, v, mask, out, lse, 17, 0.125, empty_rows)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_no_queries():
+    q = torch.randn(2, 0, 4, 64)
+    k = v = torch.randn(2, 34, 4, 64)
+    mask = torch.zeros(2, 0, 2, dtype=torch.bool)
+    out, lse = forward(q, k, v, mask, 17, 0.125, "zero")
+    assert out.shape == q.shape and lse.shape == (2, 4, 0)
+    dq, dk, dv = backward(out, q, k, v, mask, out, lse, 17, 0.125, "zero")
+    assert dq.shape == q.shape
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
+def test_rejects_what_it_cannot_run():
+    q = torch.randn(1, 4, 2, 64, dtype=torch.float64)
+    mask = torch.ones(1, 4, 1, dtype=torch.bool)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        ita.image_text_attention_fwd_triton(q, q, q, mask, 4, 0.125, "zero")
+    q = torch.randn(1, 4, 2, 256)
+    with pytest.raises(ValueError, match="head dim Dh=256"):
+        ita.image_text_attention_fwd_triton(q, q, q, mask, 4, 0.125, "zero")
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="empty_rows"):
+        ita.image_text_attention_fwd_triton(q, q, q, mask, 4, 0.125, "ones")
+
+
+# ---- ahead-of-time registration ----------------------------------------------------------------------
+
+
+def test_every_config_is_registered_for_the_compile_report():
+    """Per kernel and input width, the compile report gets every config the launchers can run (at
+    Dh=128) and the first config at Dh=80 and 96 (and 64 for 16-bit); the first config is the one
+    the interpreter runs here."""
+    families = {
+        "image_text_attention_fwd": (
+            ita._fwd_kernel,
+            lambda t: [c for m in t.fwd_block_m for c in ita._FWD_CONFIGS[m]],
+        ),
+        "image_text_attention_decode_split": (
+            ita._decode_split_kernel,
+            lambda t: ita._DECODE_CONFIGS[t.decode_max_rows],
+        ),
+        "image_text_attention_decode_combine": (
+            ita._decode_combine_kernel,
+            lambda t: ita._COMBINE_CONFIGS,
+        ),
+        "image_text_attention_bwd_preprocess": (
+            ita._bwd_preprocess_kernel,
+            lambda t: ita._PREPROCESS_CONFIGS,
+        ),
+        "image_text_attention_bwd_dkdv": (
+            ita._bwd_dkdv_kernel,
+            lambda t: ita._DKDV_CONFIGS[t.dkdv_block_m],
+        ),
+        "image_text_attention_bwd_dq": (
+            ita._bwd_dq_kernel,
+            lambda t: ita._DQ_CONFIGS[t.dq_block_m],
+        ),
+    }
+    registered = {entry.name: entry for entry in REGISTRY.from_modules([ita.__name__])}
+    assert len(registered) == len(families) * 7
+    for name, (kernel, configs_for) in families.items():
+        for dtype, width, head_dims in (("bf16", 2, (64, 80, 96)), ("fp32", 4, (80, 96))):
+            configs = list(configs_for(ita._TILES[width]))
+            for head_dim in (128, *head_dims):
+                entry = registered[f"{name}[{dtype},d{head_dim}]"]
+                assert entry.fn is kernel
+                expected = configs if head_dim == 128 else configs[:1]
+                assert len(entry.configs) == len(expected)
+                for aot, config in zip(entry.configs, expected, strict=True):
+                    assert config.kwargs.items() <= dict(aot.constexprs).items()
+                    assert aot.constexprs["HEAD_DIM"] == head_dim
+                    assert (aot.num_warps, aot.num_stages) == (config.num_warps, config.num_stages)

@@ -1,0 +1,1231 @@
+"""image_text_attention, Triton: flash-style forward and backward that visit only visible media chunks,
+and a split-KV decode path.
+
+Shapes: q [B, Lq, Hq, Dh], k/v [B, Lk, Hkv, Dh] (any strides, last dim contiguous; Hq % Hkv == 0),
+media_mask [B, Lq, M] bool (any strides), Lk == M * media_len (chunk m = keys [m*media_len, (m+1)*media_len)).
+
+    visible(b, t, j) = media_mask[b, t, j // media_len]
+    out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, j, h // group] | visible) v[b, j, h // group]
+    lse[b, h, t] = log sum_{visible j} exp(scale * q . k)      float32, -inf on rows that see nothing
+Rows that see nothing: out = 0, lse = -inf, zero gradients (empty_rows="zero"); with
+empty_rows="uniform" such a row sees every chunk (the launchers OR ``~media_mask.any(-1)`` into the mask
+on the host, the Hugging Face Mllama behaviour), so the kernels themselves know one rule only.
+
+Chunk skipping. ``block_chunk_schedule_triton(media_mask, BLOCK_M)`` lists, per block of BLOCK_M query
+rows, the chunks some row of the block sees (ascending, count first). A forward program walks the key
+tiles of those chunks only: tiles start at the chunk's first key and step by BLOCK_N (a chunk's last
+tile is masked at its tail), so a tile lies in one chunk and each row needs one mask bit per tile. Keys
+of a chunk no row of the block sees are never loaded (tests poison them with NaN).
+
+Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators):
+- ``_fwd_kernel``: grid (nQB, B*Hq); online softmax over the scheduled key tiles.
+- ``_bwd_preprocess_kernel``: delta = rowsum(dO * O), [B, Hq, Lq] fp32.
+- ``_bwd_dkdv_kernel``: grid (key tiles, B*Hkv); a program owns BLOCK_N keys of one chunk and one kv
+  head, and loops over the query blocks that see the chunk (the transposed schedule: chunk -> query
+  blocks) times the query heads of its group, so dk/dv need no atomics and GQA sums in registers.
+- ``_bwd_dq_kernel``: grid (nQB, B*Hq); the forward's walk, accumulating dq.
+- ``_decode_split_kernel`` + ``_decode_combine_kernel``: for Lq <= 16. One program holds every query
+  row of one kv group (Lq * group rows, up to BLOCK_R) and one slice of the scheduled key tiles (the
+  slices split the visible tiles evenly, counted on the device); it writes its partial (m, l, acc) to
+  a float32 workspace, which the combine kernel merges into out and lse.
+
+Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; float32 inputs keep
+float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``). The
+forward and backward are deterministic (no atomics). GPU launches are autotuned over configs that
+``python -m vlm_kernels.tools.gpu_report`` compiles for sm_80 and sm_90a with zero spills (registered
+at the bottom); under TRITON_INTERPRET=1 each kernel runs the first config of its list.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from vlm_kernels.triton.aot import register_aot
+from vlm_kernels.triton.block_chunk_schedule import block_chunk_schedule_triton
+
+EMPTY_ROW_MODES = ("zero", "uniform")
+MAX_HEAD_DIM = 128  # the largest head dim the registered (spill-checked) configs cover
+DECODE_MAX_QUERY_LEN = 16  # the forward takes the split-KV decode path at or below this Lq
+LOG2E = 1.4426950408889634
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    q_ptr,  # [B, Lq, Hq, Dh]
+    k_ptr,  # [B, Lk, Hkv, Dh]
+    v_ptr,  # [B, Lk, Hkv, Dh]
+    media_mask_ptr,  # uint8 [B, Lq, M] (the bool mask reinterpreted)
+    chunk_count_ptr,  # int32 [B, nQB], contiguous
+    chunk_ids_ptr,  # int32 [B, nQB, M], contiguous
+    out_ptr,  # [B, Lq, Hq, Dh]
+    lse_ptr,  # float32 [B, Hq, Lq], contiguous
+    # sizes
+    Lq,
+    M,  # media chunks
+    media_len,  # keys per chunk
+    heads_q,
+    group,  # Hq // Hkv
+    n_qb,  # ceil(Lq / BLOCK_M)
+    qk_scale,  # scale * log2(e)
+    # strides, in elements
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_mask_b,
+    stride_mask_q,
+    stride_mask_m,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of 2 >= HEAD_DIM
+    BLOCK_M: tl.constexpr,  # query rows per program (= the schedule's block)
+    BLOCK_N: tl.constexpr,  # keys per tile
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 inputs: "ieee" or "tf32"
+):
+    q_block = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // heads_q
+    head = pid_bh - batch * heads_q
+    kv_head = head // group
+
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Lq
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + rows64[:, None] * stride_qt
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    mask_rows = media_mask_ptr + batch * stride_mask_b + rows64 * stride_mask_q
+
+    schedule = batch * n_qb + q_block
+    chunk_count = tl.load(chunk_count_ptr + schedule)
+    chunk_ids = chunk_ids_ptr + schedule * M
+    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # One flat loop over (visible chunk, tile of the chunk): a single pipelined loop on the GPU.
+    for tile in range(0, chunk_count * tiles_per_chunk):
+        slot = tile // tiles_per_chunk
+        chunk = tl.load(chunk_ids + slot).to(tl.int64)
+        key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + offs_n
+        key_in = key_in_chunk < media_len
+        keys = chunk * media_len + key_in_chunk
+        row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
+
+        k_t = tl.load(  # [BLOCK_D, BLOCK_N]
+            k_base + keys[None, :] * stride_kt + offs_d[:, None],
+            mask=d_in[:, None] & key_in[None, :],
+            other=0.0,
+        )
+        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        scores = tl.where(row_sees[:, None] & key_in[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet: no NaN
+        p = tl.exp2(scores - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + keys[:, None] * stride_vt + offs_d[None, :],
+            mask=key_in[:, None] & d_in[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # a row that saw no key (a visible key contributes exp2(0) = 1 at the max)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    # Back to natural log: lse = ln(2) * log2(sum exp2(s - m)) + ln(2) * m.
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ot
+    tl.store(
+        out_ptrs + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_in[:, None] & d_in[None, :],
+    )
+    tl.store(lse_ptr + pid_bh * Lq + rows64, lse, mask=row_in)
+
+
+# ---- decode (split-KV) ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    # pointers
+    q_ptr,  # [B, Lq, Hq, Dh]
+    k_ptr,  # [B, Lk, Hkv, Dh]
+    v_ptr,  # [B, Lk, Hkv, Dh]
+    media_mask_ptr,  # uint8 [B, Lq, M]
+    chunk_count_ptr,  # int32 [B], contiguous: the chunks some row of the sequence sees
+    chunk_ids_ptr,  # int32 [B, M], contiguous
+    part_m_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R]: running max (log2 units)
+    part_l_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R]: sum of exp2
+    part_acc_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R, BLOCK_D]: unnormalized output
+    # sizes
+    Lq,
+    M,
+    media_len,
+    heads_kv,
+    group,  # Hq // Hkv; a program's rows are r = t * group + (head within the group)
+    num_splits,
+    n_row_blocks,  # ceil(Lq * group / BLOCK_R)
+    qk_scale,  # scale * log2(e)
+    # strides, in elements
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_mask_b,
+    stride_mask_q,
+    stride_mask_m,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # query rows (Lq * group, padded) per program
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid = tl.program_id(1).to(tl.int64)  # over B * Hkv * nRB, row block fastest
+    batch_kv = pid // n_row_blocks
+    row_block = pid - batch_kv * n_row_blocks
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv - batch * heads_kv
+
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < Lq * group
+    token = (rows // group).to(tl.int64)
+    head = kv_head * group + rows % group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptrs = q_ptr + batch * stride_qb + token[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    mask_rows = media_mask_ptr + batch * stride_mask_b + token * stride_mask_q
+
+    chunk_count = tl.load(chunk_count_ptr + batch)
+    chunk_ids = chunk_ids_ptr + batch * M
+    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+    # The visible tiles, counted on the device, split evenly: a split's share follows the visible
+    # work whatever the mask, and splits past the end store an empty partial (m=-inf, l=0).
+    total_tiles = chunk_count * tiles_per_chunk
+    tiles_per_split = tl.cdiv(total_tiles, num_splits)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, total_tiles)
+
+    m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for tile in range(tile_start, tile_end):
+        slot = tile // tiles_per_chunk
+        chunk = tl.load(chunk_ids + slot).to(tl.int64)
+        key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + offs_n
+        key_in = key_in_chunk < media_len
+        keys = chunk * media_len + key_in_chunk
+        row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
+
+        k_t = tl.load(
+            k_base + keys[None, :] * stride_kt + offs_d[:, None],
+            mask=d_in[:, None] & key_in[None, :],
+            other=0.0,
+        )
+        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        scores = tl.where(row_sees[:, None] & key_in[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + keys[:, None] * stride_vt + offs_d[None, :],
+            mask=key_in[:, None] & d_in[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    part = (pid * num_splits + split) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(part_m_ptr + part, m_i)
+    tl.store(part_l_ptr + part, l_i)
+    tl.store(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    # pointers
+    part_m_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R]
+    part_l_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R]
+    part_acc_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R, BLOCK_D]
+    out_ptr,  # [B, Lq, Hq, Dh]
+    lse_ptr,  # float32 [B, Hq, Lq], contiguous
+    # sizes
+    Lq,
+    heads_q,
+    heads_kv,
+    group,
+    num_splits,
+    n_row_blocks,
+    # strides of out, in elements
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # the split kernel's rows per program
+    COMBINE_R: tl.constexpr,  # rows merged per program here (divides BLOCK_R)
+):
+    pid = tl.program_id(0).to(tl.int64)  # the split kernel's program (batch, kv head, row block)
+    sub = tl.program_id(1)
+    batch_kv = pid // n_row_blocks
+    row_block = pid - batch_kv * n_row_blocks
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv - batch * heads_kv
+
+    local = sub * COMBINE_R + tl.arange(0, COMBINE_R)  # rows within the split kernel's block
+    rows = row_block * BLOCK_R + local
+    row_in = rows < Lq * group
+    token = (rows // group).to(tl.int64)
+    head = kv_head * group + rows % group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+
+    m_i = tl.full((COMBINE_R,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((COMBINE_R,), dtype=tl.float32)
+    acc = tl.zeros((COMBINE_R, BLOCK_D), dtype=tl.float32)
+    for split in range(0, num_splits):
+        part = (pid * num_splits + split) * BLOCK_R + local
+        m_s = tl.load(part_m_ptr + part)
+        l_s = tl.load(part_l_ptr + part)
+        acc_s = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        beta = tl.exp2(m_s - m_use)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    # Back to natural log: lse = ln(2) * log2(sum exp2(s - m)) + ln(2) * m.
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out_ptrs = out_ptr + batch * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh
+    tl.store(
+        out_ptrs + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_in[:, None] & d_in[None, :],
+    )
+    tl.store(lse_ptr + (batch * heads_q + head) * Lq + token, lse, mask=row_in)
+
+
+# ---- backward ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    out_ptr,  # [B, Lq, Hq, Dh]
+    grad_out_ptr,  # [B, Lq, Hq, Dh]
+    delta_ptr,  # float32 [B, Hq, Lq], contiguous: rowsum(dO * O)
+    Lq,
+    heads_q,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_gb,
+    stride_gt,
+    stride_gh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // heads_q
+    head = pid_bh - batch * heads_q
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Lq
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_in = row_in[:, None] & (offs_d < HEAD_DIM)[None, :]
+    out = tl.load(
+        out_ptr
+        + batch * stride_ob
+        + head * stride_oh
+        + rows64[:, None] * stride_ot
+        + offs_d[None, :],
+        mask=tile_in,
+        other=0.0,
+    )
+    grad_out = tl.load(
+        grad_out_ptr
+        + batch * stride_gb
+        + head * stride_gh
+        + rows64[:, None] * stride_gt
+        + offs_d[None, :],
+        mask=tile_in,
+        other=0.0,
+    )
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh * Lq + rows64, delta, mask=row_in)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    # pointers
+    q_ptr,  # [B, Lq, Hq, Dh]
+    k_ptr,  # [B, Lk, Hkv, Dh]
+    v_ptr,  # [B, Lk, Hkv, Dh]
+    grad_out_ptr,  # [B, Lq, Hq, Dh]
+    lse_ptr,  # float32 [B, Hq, Lq], contiguous (natural log)
+    delta_ptr,  # float32 [B, Hq, Lq], contiguous
+    media_mask_ptr,  # uint8 [B, Lq, M]
+    qb_count_ptr,  # int32 [B, M], contiguous: query blocks that see each chunk
+    qb_ids_ptr,  # int32 [B, M, nQB], contiguous: those blocks, ascending
+    dk_ptr,  # [B, Lk, Hkv, Dh], contiguous
+    dv_ptr,  # [B, Lk, Hkv, Dh], contiguous
+    # sizes
+    Lq,
+    M,
+    media_len,
+    heads_q,
+    heads_kv,
+    group,
+    n_qb,
+    qk_scale,  # scale * log2(e)
+    scale,
+    # strides, in elements
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_gb,
+    stride_gt,
+    stride_gh,
+    stride_mask_b,
+    stride_mask_q,
+    stride_mask_m,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per block (= the schedule's block)
+    BLOCK_N: tl.constexpr,  # keys per program
+    INPUT_PRECISION: tl.constexpr,
+):
+    key_tile = tl.program_id(0)  # over M * tiles_per_chunk
+    pid_bk = tl.program_id(1).to(tl.int64)  # over B * Hkv
+    batch = pid_bk // heads_kv
+    kv_head = pid_bk - batch * heads_kv
+    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+    chunk = key_tile // tiles_per_chunk
+    key_in_chunk = (key_tile - chunk * tiles_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_in = key_in_chunk < media_len
+    keys = chunk.to(tl.int64) * media_len + key_in_chunk
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+    offs_m = tl.arange(0, BLOCK_M)
+
+    schedule = batch * M + chunk
+    qb_count = tl.load(qb_count_ptr + schedule)
+    qb_ids = qb_ids_ptr + schedule * n_qb
+    # Keys of a chunk no query sees are not even loaded: their dk, dv are 0.
+    kv_in = key_in[:, None] & d_in[None, :] & (qb_count > 0)
+    k = tl.load(
+        k_ptr
+        + batch * stride_kb
+        + kv_head * stride_kh
+        + keys[:, None] * stride_kt
+        + offs_d[None, :],
+        mask=kv_in,
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr
+        + batch * stride_vb
+        + kv_head * stride_vh
+        + keys[:, None] * stride_vt
+        + offs_d[None, :],
+        mask=kv_in,
+        other=0.0,
+    )
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    mask_chunk = media_mask_ptr + batch * stride_mask_b + chunk.to(tl.int64) * stride_mask_m
+    # Flat loop over (query block that sees the chunk, query head of the kv group).
+    for step in range(0, qb_count * group):
+        slot = step // group
+        head = kv_head * group + (step - slot * group)
+        q_block = tl.load(qb_ids + slot)
+        rows = q_block * BLOCK_M + offs_m
+        row_in = rows < Lq
+        rows64 = rows.to(tl.int64)
+        row_sees = tl.load(mask_chunk + rows64 * stride_mask_q, mask=row_in, other=0) != 0
+        q_t = tl.load(  # [BLOCK_D, BLOCK_M]
+            q_ptr
+            + batch * stride_qb
+            + head * stride_qh
+            + rows64[None, :] * stride_qt
+            + offs_d[:, None],
+            mask=d_in[:, None] & row_in[None, :],
+            other=0.0,
+        )
+        row_stats = (batch * heads_q + head) * Lq + rows64
+        lse = tl.load(lse_ptr + row_stats, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
+        scores_t = tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        visible_t = key_in[:, None] & row_sees[None, :]
+        # A row that sees nothing has lse = -inf but row_sees = 0: the where drops its inf.
+        p_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
+        grad_out = tl.load(
+            grad_out_ptr
+            + batch * stride_gb
+            + head * stride_gh
+            + rows64[:, None] * stride_gt
+            + offs_d[None, :],
+            mask=row_in[:, None] & d_in[None, :],
+            other=0.0,
+        )
+        dv += tl.dot(p_t.to(grad_out.dtype), grad_out, input_precision=INPUT_PRECISION)
+        delta = tl.load(delta_ptr + row_stats, mask=row_in, other=0.0)
+        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION)
+
+    dk *= scale
+    out_in = key_in[:, None] & d_in[None, :]
+    out_offs = (
+        batch * stride_dkb + kv_head * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :]
+    )
+    tl.store(dk_ptr + out_offs, dk.to(dk_ptr.dtype.element_ty), mask=out_in)
+    tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=out_in)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    # pointers
+    q_ptr,  # [B, Lq, Hq, Dh]
+    k_ptr,  # [B, Lk, Hkv, Dh]
+    v_ptr,  # [B, Lk, Hkv, Dh]
+    grad_out_ptr,  # [B, Lq, Hq, Dh]
+    lse_ptr,  # float32 [B, Hq, Lq], contiguous (natural log)
+    delta_ptr,  # float32 [B, Hq, Lq], contiguous
+    media_mask_ptr,  # uint8 [B, Lq, M]
+    chunk_count_ptr,  # int32 [B, nQB], contiguous
+    chunk_ids_ptr,  # int32 [B, nQB, M], contiguous
+    dq_ptr,  # [B, Lq, Hq, Dh], contiguous
+    # sizes
+    Lq,
+    M,
+    media_len,
+    heads_q,
+    group,
+    n_qb,
+    qk_scale,  # scale * log2(e)
+    scale,
+    # strides, in elements
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_gb,
+    stride_gt,
+    stride_gh,
+    stride_mask_b,
+    stride_mask_q,
+    stride_mask_m,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // heads_q
+    head = pid_bh - batch * heads_q
+    kv_head = head // group
+
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Lq
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+    tile_in = row_in[:, None] & d_in[None, :]
+
+    q = tl.load(
+        q_ptr
+        + batch * stride_qb
+        + head * stride_qh
+        + rows64[:, None] * stride_qt
+        + offs_d[None, :],
+        mask=tile_in,
+        other=0.0,
+    )
+    grad_out = tl.load(
+        grad_out_ptr
+        + batch * stride_gb
+        + head * stride_gh
+        + rows64[:, None] * stride_gt
+        + offs_d[None, :],
+        mask=tile_in,
+        other=0.0,
+    )
+    row_stats = pid_bh * Lq + rows64
+    lse = tl.load(lse_ptr + row_stats, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
+    delta = tl.load(delta_ptr + row_stats, mask=row_in, other=0.0)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    mask_rows = media_mask_ptr + batch * stride_mask_b + rows64 * stride_mask_q
+
+    schedule = batch * n_qb + q_block
+    chunk_count = tl.load(chunk_count_ptr + schedule)
+    chunk_ids = chunk_ids_ptr + schedule * M
+    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for tile in range(0, chunk_count * tiles_per_chunk):
+        slot = tile // tiles_per_chunk
+        chunk = tl.load(chunk_ids + slot).to(tl.int64)
+        key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + offs_n
+        key_in = key_in_chunk < media_len
+        keys = chunk * media_len + key_in_chunk
+        row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
+        kv_t_in = d_in[:, None] & key_in[None, :]
+        k_t = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None], mask=kv_t_in, other=0.0)
+        v_t = tl.load(v_base + keys[None, :] * stride_vt + offs_d[:, None], mask=kv_t_in, other=0.0)
+        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        visible = row_sees[:, None] & key_in[None, :]
+        p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(grad_out, v_t, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=INPUT_PRECISION)
+
+    dq *= scale
+    tl.store(
+        dq_ptr
+        + batch * stride_dqb
+        + head * stride_dqh
+        + rows64[:, None] * stride_dqt
+        + offs_d[None, :],
+        dq.to(dq_ptr.dtype.element_ty),
+        mask=tile_in,
+    )
+
+
+# ---- tiles and configs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Tile sizes and dot precision for one input width. float32 keeps float32-grade products: 3xTF32
+    (``"tf32x3"``) forward dots on tensor cores and FMA (``"ieee"``) backward dots, whose operands
+    take two to four times the registers of 16-bit ones (measured by the compile report: 3xTF32
+    backward tiles spill even at 16x16 with Dh=128), hence the small float32 tiles."""
+
+    fwd_block_m: tuple[int, ...]  # prefill query blocks: (few programs, many programs)
+    decode_max_rows: int  # most query rows (Lq * group) in one decode program
+    dkdv_block_m: int  # query rows per block in the dk/dv kernel
+    dq_block_m: int  # query rows per block in the dq kernel
+    fwd_precision: str  # tl.dot input_precision of the forward and decode kernels
+    bwd_precision: str  # ... and of the backward kernels (ignored for 16-bit inputs)
+
+
+_TILES = {
+    2: _Tiles((64, 128), 64, 32, 64, "tf32", "tf32"),  # float16, bfloat16
+    4: _Tiles((32,), 32, 16, 32, "tf32x3", "ieee"),  # float32
+}
+
+
+def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
+    """One config per ``(BLOCK_N, num_warps, num_stages)``, with the constexprs ``fixed``."""
+    return tuple(
+        triton.Config({**fixed, "BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes
+    )
+
+
+# Configs by the block size that fixes the schedule. Under the interpreter each kernel runs the first
+# config of its list (autotune would benchmark them all there), so the compile report checks what the
+# tests execute. Every config compiles with zero spills on sm_80 and sm_90a at Dh=128 (registered
+# below); shapes that spilled were dropped. 16-bit: the forward at BLOCK_M=128/BLOCK_N=32 with 4 warps,
+# decode BLOCK_N>=64 with 4 warps, dk/dv BLOCK_N=64 with 4 warps and BLOCK_N=128. float32: every
+# 16-bit shape (3xTF32: 100 B to 24 KB of spills), and the forward's 32x32 tile at 4 warps (Dh=80).
+_FWD_CONFIGS = {
+    32: _configs((32, 8, 2), (16, 4, 1), BLOCK_M=32),
+    64: _configs((32, 4, 3), (64, 4, 2), (64, 4, 3), (32, 4, 4), BLOCK_M=64),
+    128: _configs((64, 8, 2), (64, 8, 3), (32, 8, 3), BLOCK_M=128),
+}
+_DECODE_CONFIGS = {  # by the tiles' decode_max_rows
+    32: _configs((16, 4, 2)),
+    64: _configs((32, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 2)),
+}
+_DKDV_CONFIGS = {
+    16: _configs((32, 4, 2), BLOCK_M=16),
+    32: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=32),
+}
+_DQ_CONFIGS = {
+    32: _configs((16, 4, 2), BLOCK_M=32),
+    64: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), (64, 8, 3), BLOCK_M=64),
+}
+# The combine kernel at 4 warps spilled 8 bytes on sm_90a (at 56 registers) for Dh 80 and 96.
+_COMBINE_CONFIGS = (triton.Config({"COMBINE_R": 16}, num_warps=2, num_stages=2),)
+_PREPROCESS_CONFIGS = (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),)
+
+# A tuned config serves every call with the same chunk geometry and head dim (the autotuner adds the
+# dtypes); Lq and B change the grid, not the best tile.
+_TUNE_KEY = ("media_len", "M", "HEAD_DIM", "INPUT_PRECISION")
+
+
+@functools.cache
+def _autotuner(kernel, configs: tuple[triton.Config, ...], key: tuple[str, ...]):
+    return triton.autotune(configs=list(configs), key=list(key))(kernel)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def _launch(kernel, configs, grid, args, *, tune_key=_TUNE_KEY, **constexprs) -> None:
+    """Runs ``kernel`` on ``configs[0]`` under TRITON_INTERPRET=1, else autotuned over ``configs``
+    (a single config is not benchmarked). ``grid(meta)`` sees the running config's constexprs."""
+    if _interpreting():
+        meta = {**constexprs, **configs[0].kwargs}
+        kernel[grid(meta)](*args, **meta)
+    else:
+        _autotuner(kernel, configs, tune_key)[grid](*args, **constexprs)
+
+
+def _check_runnable(q: torch.Tensor, empty_rows: str) -> None:
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"image_text_attention (triton): tensors are on {q.device}; the Triton kernels need CUDA "
+            "tensors, or TRITON_INTERPRET=1 set before triton is imported to run CPU tensors through "
+            "the interpreter"
+        )
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"image_text_attention (triton): q, k, v must be float32, bfloat16 or float16, got {q.dtype}"
+        )
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"image_text_attention (triton): head dim Dh={q.shape[-1]} (q {tuple(q.shape)}) is over "
+            f"the largest supported, {MAX_HEAD_DIM}"
+        )
+    if empty_rows not in EMPTY_ROW_MODES:
+        raise ValueError(f"empty_rows must be one of {EMPTY_ROW_MODES}, got {empty_rows!r}")
+
+
+def _effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
+    """The mask the kernels read: with "uniform", a row that sees no chunk sees them all."""
+    if empty_rows == "uniform":
+        return media_mask | ~media_mask.any(-1, keepdim=True)
+    return media_mask
+
+
+def _tiles(dtype: torch.dtype) -> _Tiles:
+    return _TILES[dtype.itemsize]
+
+
+def _head_dim_meta(head_dim: int) -> dict:
+    return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    # Under the interpreter: a pretend GPU of 2 SMs, so that small test shapes still split.
+    return _num_sms(device.index or 0) if device.type == "cuda" else 2
+
+
+def _prefill_block_m(q: torch.Tensor) -> int:
+    """The larger query block (more reuse of each k/v tile) when it still gives every SM two
+    programs; else the smaller (more programs, and a finer chunk schedule). The interpreter runs
+    the smaller."""
+    block_ms = _tiles(q.dtype).fwd_block_m
+    if _interpreting():
+        return block_ms[0]
+    batch, query_len, heads_q, _ = q.shape
+    programs = batch * heads_q * triton.cdiv(query_len, block_ms[-1])
+    return block_ms[-1] if programs >= 2 * _sm_count(q.device) else block_ms[0]
+
+
+def _mask_args(media_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    mask_u8 = media_mask.view(torch.uint8)  # same element size as bool: strides carry over
+    return mask_u8, mask_u8.stride()
+
+
+def image_text_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    media_mask: torch.Tensor,
+    media_len: int,
+    scale: float,
+    empty_rows: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Lq, Hq, Dh] contiguous in q's dtype, lse [B, Hq, Lq] float32)``; see the module
+    docstring. Lq <= 16 takes the split-KV decode path. The caller (the op) validates shapes."""
+    _check_runnable(q, empty_rows)
+    batch, query_len, heads_q, head_dim = q.shape
+    out = torch.empty((batch, query_len, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, query_len), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if k.shape[1] == 0:  # no keys: every row sees nothing
+        return out.zero_(), lse.fill_(float("-inf"))
+    if query_len <= DECODE_MAX_QUERY_LEN:
+        _decode_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse)
+    else:
+        _prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse)
+    return out, lse
+
+
+def _prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse) -> None:
+    batch, query_len, heads_q, head_dim = q.shape
+    heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
+    mask = _effective_mask(media_mask, empty_rows)
+    block_m = _prefill_block_m(q)
+    n_qb = triton.cdiv(query_len, block_m)
+    chunk_count, chunk_ids = block_chunk_schedule_triton(mask, block_m)
+    mask_u8, mask_strides = _mask_args(mask)
+    args = (
+        q,
+        k,
+        v,
+        mask_u8,
+        chunk_count,
+        chunk_ids,
+        out,
+        lse,
+        query_len,
+        num_chunks,
+        media_len,
+        heads_q,
+        heads_q // heads_kv,
+        n_qb,
+        scale * LOG2E,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *mask_strides,
+        *out.stride()[:3],
+    )
+    _launch(
+        _fwd_kernel,
+        _FWD_CONFIGS[block_m],
+        lambda meta: (n_qb, batch * heads_q),
+        args,
+        INPUT_PRECISION=_tiles(q.dtype).fwd_precision,
+        **_head_dim_meta(head_dim),
+    )
+
+
+def _decode_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
+    """Splits of the key tiles: enough programs for two per SM, but at least ~4 tiles (of 64 keys)
+    per split for the most keys the sequences may see (the visible count is known on the device)."""
+    wanted = triton.cdiv(2 * _sm_count(device), programs)
+    return max(1, min(wanted, triton.cdiv(max_tiles, 4), 256))
+
+
+def _decode_forward(
+    q, k, v, media_mask, media_len, scale, empty_rows, out, lse, num_splits: int | None = None
+) -> None:
+    """The split-KV path (any Lq; the forward takes it for Lq <= 16). ``num_splits`` overrides the
+    heuristic (tests)."""
+    batch, query_len, heads_q, head_dim = q.shape
+    heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
+    group = heads_q // heads_kv
+    mask = _effective_mask(media_mask, empty_rows)
+    tiles = _tiles(q.dtype)
+    block_r = min(tiles.decode_max_rows, max(16, triton.next_power_of_2(query_len * group)))
+    n_row_blocks = triton.cdiv(query_len * group, block_r)
+    programs = batch * heads_kv * n_row_blocks
+    if num_splits is None:
+        num_splits = _decode_num_splits(programs, num_chunks * triton.cdiv(media_len, 64), q.device)
+    head_meta = _head_dim_meta(head_dim)
+    block_d = head_meta["BLOCK_D"]
+    # One query block spanning the whole sequence: the chunks any of its rows sees.
+    chunk_count, chunk_ids = block_chunk_schedule_triton(mask, query_len)
+    mask_u8, mask_strides = _mask_args(mask)
+    part_m = torch.empty((programs, num_splits, block_r), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(
+        (programs, num_splits, block_r, block_d), dtype=torch.float32, device=q.device
+    )
+    args = (
+        q,
+        k,
+        v,
+        mask_u8,
+        chunk_count,
+        chunk_ids,
+        part_m,
+        part_l,
+        part_acc,
+        query_len,
+        num_chunks,
+        media_len,
+        heads_kv,
+        group,
+        num_splits,
+        n_row_blocks,
+        scale * LOG2E,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *mask_strides,
+    )
+    _launch(
+        _decode_split_kernel,
+        _DECODE_CONFIGS[tiles.decode_max_rows],
+        lambda meta: (num_splits, programs),
+        args,
+        tune_key=(*_TUNE_KEY, "BLOCK_R"),
+        BLOCK_R=block_r,
+        INPUT_PRECISION=tiles.fwd_precision,
+        **head_meta,
+    )
+    combine_args = (
+        part_m,
+        part_l,
+        part_acc,
+        out,
+        lse,
+        query_len,
+        heads_q,
+        heads_kv,
+        group,
+        num_splits,
+        n_row_blocks,
+        *out.stride()[:3],
+    )
+    _launch(
+        _decode_combine_kernel,
+        _COMBINE_CONFIGS,
+        lambda meta: (programs, block_r // meta["COMBINE_R"]),
+        combine_args,
+        BLOCK_R=block_r,
+        **head_meta,
+    )
+
+
+def _block_visibility(mask: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[B, nQB, M] bool: some row of query block qb sees chunk m."""
+    batch, query_len, num_chunks = mask.shape
+    n_qb = triton.cdiv(query_len, block_m)
+    padded = torch.zeros((batch, n_qb * block_m, num_chunks), dtype=torch.bool, device=mask.device)
+    padded[:, :query_len] = mask
+    return padded.view(batch, n_qb, block_m, num_chunks).any(2)
+
+
+def image_text_attention_bwd_triton(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    media_mask: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    media_len: int,
+    scale: float,
+    empty_rows: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` contiguous, in the inputs' dtypes, for the output cotangent ``grad_out``;
+    ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0."""
+    _check_runnable(q, empty_rows)
+    batch, query_len, heads_q, head_dim = q.shape
+    keys, heads_kv, num_chunks = k.shape[1], k.shape[2], media_mask.shape[2]
+    dq = torch.empty((batch, query_len, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, keys, heads_kv, head_dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((batch, keys, heads_kv, head_dim), dtype=v.dtype, device=v.device)
+    if batch == 0 or heads_q == 0 or head_dim == 0:
+        return dq, dk, dv
+    if query_len == 0 or keys == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    lse = lse.float().contiguous()
+    mask = _effective_mask(media_mask, empty_rows)
+    group = heads_q // heads_kv
+    head_meta = _head_dim_meta(head_dim)
+    tiles = _tiles(q.dtype)
+
+    delta = torch.empty((batch, heads_q, query_len), dtype=torch.float32, device=q.device)
+    _launch(
+        _bwd_preprocess_kernel,
+        _PREPROCESS_CONFIGS,
+        lambda meta: (triton.cdiv(query_len, meta["BLOCK_M"]), batch * heads_q),
+        (out, grad_out, delta, query_len, heads_q, *out.stride()[:3], *grad_out.stride()[:3]),
+        **head_meta,
+    )
+
+    # The two schedules: chunks per query block (dq) and query blocks per chunk (dk, dv).
+    chunk_count, chunk_ids = block_chunk_schedule_triton(mask, tiles.dq_block_m)
+    qb_count, qb_ids = block_chunk_schedule_triton(
+        _block_visibility(mask, tiles.dkdv_block_m).transpose(1, 2), 1
+    )
+    mask_u8, mask_strides = _mask_args(mask)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    dkdv_args = (
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        mask_u8,
+        qb_count,
+        qb_ids,
+        dk,
+        dv,
+        query_len,
+        num_chunks,
+        media_len,
+        heads_q,
+        heads_kv,
+        group,
+        triton.cdiv(query_len, tiles.dkdv_block_m),
+        scale * LOG2E,
+        scale,
+        *strides,
+        *mask_strides,
+        *dk.stride()[:3],
+    )
+    _launch(
+        _bwd_dkdv_kernel,
+        _DKDV_CONFIGS[tiles.dkdv_block_m],
+        lambda meta: (num_chunks * triton.cdiv(media_len, meta["BLOCK_N"]), batch * heads_kv),
+        dkdv_args,
+        INPUT_PRECISION=tiles.bwd_precision,
+        **head_meta,
+    )
+    n_qb_dq = triton.cdiv(query_len, tiles.dq_block_m)
+    dq_args = (
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        mask_u8,
+        chunk_count,
+        chunk_ids,
+        dq,
+        query_len,
+        num_chunks,
+        media_len,
+        heads_q,
+        group,
+        n_qb_dq,
+        scale * LOG2E,
+        scale,
+        *strides,
+        *mask_strides,
+        *dq.stride()[:3],
+    )
+    _launch(
+        _bwd_dq_kernel,
+        _DQ_CONFIGS[tiles.dq_block_m],
+        lambda meta: (n_qb_dq, batch * heads_q),
+        dq_args,
+        INPUT_PRECISION=tiles.bwd_precision,
+        **head_meta,
+    )
+    return dq, dk, dv
+
+
+# ---- ahead-of-time compile report ---------------------------------------------------------------------
+
+# Compiled by `python -m vlm_kernels.tools.gpu_report` for sm_80 and sm_90a. Per kernel and input
+# width (bf16 stands for both 16-bit types, which compile to the same tiles): every config at Dh=128
+# (BLOCK_D 128, the most registers), and the first config at Dh=80 and 96 (BLOCK_D 128 with masked
+# loads, which compile differently) and, for bf16, at Dh=64. The JIT sees 16-byte aligned buffers, int32 sizes,
+# q/k/v/out strides that are multiples of 16 (Dh is) and a unit stride on the mask's chunk axis (an
+# int argument equal to 1 is compiled as a constant).
+_AOT_WIDTHS = {"bf16": 2, "fp32": 4}  # element type -> input width (the _TILES key)
+_AOT_FIRST_CONFIG_HEAD_DIMS = {"bf16": (64, 80, 96), "fp32": (80, 96)}
+_QKV_STRIDES = (
+    "stride_qb stride_qt stride_qh stride_kb stride_kt stride_kh stride_vb stride_vt stride_vh"
+)
+_GRAD_STRIDES = "stride_gb stride_gt stride_gh"
+
+
+def _aot_signature(
+    kernel, dtype: str, data: str, i32: str = "", fp32: str = "", ints: str = "", aligned: str = ""
+):
+    """Argument types of ``kernel``: ``data`` pointers of the element type, ``i32``/``fp32``
+    pointers, ``ints`` plain int32 and ``aligned`` int32 multiples of 16; plus the mask and scales."""
+    signature = {name: f"*{dtype}:16" for name in data.split()}
+    signature |= {name: "*i32:16" for name in i32.split()}
+    signature |= {name: "*fp32:16" for name in fp32.split()}
+    signature |= {name: "i32" for name in ints.split()}
+    signature |= {name: "i32:16" for name in aligned.split()}
+    signature |= {"media_mask_ptr": "*u8:16", "qk_scale": "fp32", "scale": "fp32"}
+    signature |= {"stride_mask_b": "i32", "stride_mask_q": "i32", "stride_mask_m": 1}
+    params = inspect.signature(kernel.fn).parameters
+    return {name: spec for name, spec in signature.items() if name in params}
+
+
+def _register(name: str, kernel, configs_for, signature_for, **constexprs_for) -> None:
+    """Registers ``kernel`` per element type: ``configs_for(tiles)``, ``signature_for(dtype)`` and
+    each ``constexprs_for[key](tiles)``."""
+    for dtype, width in _AOT_WIDTHS.items():
+        tiles = _TILES[width]
+        configs = configs_for(tiles)
+        constexprs = {key: value(tiles) for key, value in constexprs_for.items()}
+        variants = [(128, configs)]
+        variants += [(dim, configs[:1]) for dim in _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]]
+        for head_dim, variant_configs in variants:
+            register_aot(
+                kernel,
+                name=f"{name}[{dtype},d{head_dim}]",
+                signature=signature_for(dtype),
+                configs=variant_configs,
+                constexprs={**constexprs, **_head_dim_meta(head_dim)},
+            )
+
+
+_register(
+    "image_text_attention_fwd",
+    _fwd_kernel,
+    lambda tiles: [config for block_m in tiles.fwd_block_m for config in _FWD_CONFIGS[block_m]],
+    lambda dtype: _aot_signature(
+        _fwd_kernel,
+        dtype,
+        "q_ptr k_ptr v_ptr out_ptr",
+        i32="chunk_count_ptr chunk_ids_ptr",
+        fp32="lse_ptr",
+        ints="Lq M media_len heads_q group n_qb",
+        aligned=f"{_QKV_STRIDES} stride_ob stride_ot stride_oh",
+    ),
+    INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
+)
+_register(
+    "image_text_attention_decode_split",
+    _decode_split_kernel,
+    lambda tiles: _DECODE_CONFIGS[tiles.decode_max_rows],
+    lambda dtype: _aot_signature(
+        _decode_split_kernel,
+        dtype,
+        "q_ptr k_ptr v_ptr",
+        i32="chunk_count_ptr chunk_ids_ptr",
+        fp32="part_m_ptr part_l_ptr part_acc_ptr",
+        ints="Lq M media_len heads_kv group num_splits n_row_blocks",
+        aligned=_QKV_STRIDES,
+    ),
+    INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
+    BLOCK_R=lambda tiles: tiles.decode_max_rows,
+)
+_register(
+    "image_text_attention_decode_combine",
+    _decode_combine_kernel,
+    lambda tiles: _COMBINE_CONFIGS,
+    lambda dtype: _aot_signature(
+        _decode_combine_kernel,
+        dtype,
+        "out_ptr",
+        fp32="part_m_ptr part_l_ptr part_acc_ptr lse_ptr",
+        ints="Lq heads_q heads_kv group num_splits n_row_blocks",
+        aligned="stride_ob stride_ot stride_oh",
+    ),
+    BLOCK_R=lambda tiles: tiles.decode_max_rows,
+)
+_register(
+    "image_text_attention_bwd_preprocess",
+    _bwd_preprocess_kernel,
+    lambda tiles: _PREPROCESS_CONFIGS,
+    lambda dtype: _aot_signature(
+        _bwd_preprocess_kernel,
+        dtype,
+        "out_ptr grad_out_ptr",
+        fp32="delta_ptr",
+        ints="Lq heads_q",
+        aligned=f"stride_ob stride_ot stride_oh {_GRAD_STRIDES}",
+    ),
+)
+_register(
+    "image_text_attention_bwd_dkdv",
+    _bwd_dkdv_kernel,
+    lambda tiles: _DKDV_CONFIGS[tiles.dkdv_block_m],
+    lambda dtype: _aot_signature(
+        _bwd_dkdv_kernel,
+        dtype,
+        "q_ptr k_ptr v_ptr grad_out_ptr dk_ptr dv_ptr",
+        i32="qb_count_ptr qb_ids_ptr",
+        fp32="lse_ptr delta_ptr",
+        ints="Lq M media_len heads_q heads_kv group n_qb",
+        aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dkb stride_dkt stride_dkh",
+    ),
+    INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
+)
+_register(
+    "image_text_attention_bwd_dq",
+    _bwd_dq_kernel,
+    lambda tiles: _DQ_CONFIGS[tiles.dq_block_m],
+    lambda dtype: _aot_signature(
+        _bwd_dq_kernel,
+        dtype,
+        "q_ptr k_ptr v_ptr grad_out_ptr dq_ptr",
+        i32="chunk_count_ptr chunk_ids_ptr",
+        fp32="lse_ptr delta_ptr",
+        ints="Lq M media_len heads_q group n_qb",
+        aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dqb stride_dqt stride_dqh",
+    ),
+    INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
+)

@@ -26,7 +26,7 @@ build: $(STAMP)
 	test -f $(VENV)/.editable || ($(PY) -m pip install -q -e . --no-build-isolation --no-deps && touch $(VENV)/.editable)
 
 demo: build
-	$(PY) -m vlm_kernels.demo
+	$(PY) -m model demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

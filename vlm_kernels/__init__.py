@@ -11,7 +11,7 @@ Every op takes ``backend=None`` ("auto"), "reference", "cpu", "triton", "cuda" o
 VLMK_BACKEND overrides "auto". Each is a ``torch.library`` custom op in the ``vlmk`` namespace.
 """
 
-from vlm_kernels import masks
+from vlm_kernels import masks, nn
 from vlm_kernels._backends import BACKENDS, available_backends
 from vlm_kernels.ops import (
     block_chunk_schedule,
@@ -31,6 +31,7 @@ __all__ = [
     "concat_project",
     "image_text_attention",
     "masks",
+    "nn",
     "op_backends",
     "patch_embed",
     "perceiver_attention",

@@ -1,0 +1,332 @@
+"""Command line: train, generate, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from model.config import PRESETS, TrainConfig
+from model.data import TASKS
+
+BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda", "cuda_sim")
+
+
+def _backend(value: str) -> str | None:
+    return None if value == "auto" else value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: this model's ops are too small to gain from more, and on "
+        "a 2-core machine with anything else running a second thread made a step 10x slower)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="vlm_kernels backend of the model's ops: auto picks the fastest kernel for the tensors' "
+        "device (VLMK_BACKEND overrides auto); reference is the plain-PyTorch spec",
+    )
+
+
+def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    d = defaults
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model size")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="sequences per task per step, global over all ranks (each step takes one batch of "
+        "every task)",
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=list(d.tasks), help="tasks to train on"
+    )
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    parser.add_argument(
+        "--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup before the cosine"
+    )
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay")
+    parser.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights, split and data")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="held-out accuracy every N steps (0: never during training)",
+    )
+    parser.add_argument(
+        "--eval-examples",
+        type=int,
+        default=d.eval_examples,
+        help="held-out sequences per task in the periodic evaluation",
+    )
+    parser.add_argument(
+        "--no-augment", action="store_true", help="no random one-pixel shifts of training images"
+    )
+    parser.add_argument(
+        "--interleaved-images",
+        type=int,
+        default=d.interleaved_images,
+        help="images per interleaved sequence",
+    )
+    parser.add_argument(
+        "--video-frames", type=int, default=d.video_frames, help="frames (digits) per video clip"
+    )
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        tasks=tuple(args.tasks),
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        bf16=args.bf16,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_examples=args.eval_examples,
+        augment=not args.no_augment,
+        interleaved_images=args.interleaved_images,
+        video_frames=args.video_frames,
+        backend=_backend(args.backend),
+        checkpoint_every=getattr(args, "checkpoint_every", 0),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model",
+        description="A thin Llama-3.2-Vision-style VLM on vlm_kernels, trained on scikit-learn's "
+        "8x8 digits: captioning, interleaved captions, and 3-frame video through a Perceiver "
+        "resampler.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = TrainConfig()
+
+    train = commands.add_parser(
+        "train",
+        help="train (single process, or DDP under torchrun)",
+        description="Train the model. Multi-process: torchrun --nproc_per_node=2 -m model train ... "
+        "(gloo on CPU, nccl on GPU).",
+    )
+    _add_train_options(train, defaults)
+    _add_common(train)
+    train.add_argument(
+        "--out",
+        default="model/out/checkpoint",
+        help="checkpoint directory (model.safetensors + train_state.safetensors)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also save every N steps (0: only at the end)",
+    )
+    train.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint directory of a run to continue (its saved settings are used; the losses "
+        "continue exactly as if it had not stopped)",
+    )
+
+    generate = commands.add_parser(
+        "generate",
+        help="caption held-out images with a trained checkpoint",
+        description="Generate captions for held-out test images (or for chosen digits).",
+    )
+    generate.add_argument("--checkpoint", default="model/out/checkpoint", help="checkpoint dir")
+    generate.add_argument("--task", choices=TASKS, default="caption", help="which task's prompt")
+    generate.add_argument("--count", type=int, default=4, help="how many sequences")
+    generate.add_argument(
+        "--digits",
+        type=int,
+        nargs="+",
+        default=None,
+        help="use test images of these digits (one per image of the sequence, e.g. 3 1 4 for a "
+        "video) instead of random ones",
+    )
+    generate.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy; > 0: sampling at that temperature",
+    )
+    generate.add_argument("--top-k", type=int, default=None, help="sample among the k best tokens")
+    generate.add_argument(
+        "--seed", type=int, default=0, help="seed of the image choice and sampling"
+    )
+    generate.add_argument(
+        "--no-cache", action="store_true", help="recompute everything each step (no KV/image cache)"
+    )
+    _add_common(generate)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="held-out accuracy of a checkpoint",
+        description="Held-out accuracy per task by generation (every caption of a sequence right).",
+    )
+    evaluate.add_argument("--checkpoint", default="model/out/checkpoint", help="checkpoint dir")
+    evaluate.add_argument(
+        "--examples", type=int, default=500, help="sequences per task (caption: up to the test set)"
+    )
+    evaluate.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    _add_common(evaluate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train on the three tasks in minutes and report accuracy, kernels vs reference, and "
+        "decode speed with/without the image cache",
+        description="Trains the demo preset on the three tasks (a few minutes on 2 CPU cores), "
+        "reports held-out accuracy per task against the targets, prints decoded examples, writes a "
+        "PNG grid of test images with their generated captions and a PNG loss curve, compares a "
+        "training step on the auto backend with backend='reference', and measures decode "
+        "tokens/s with and without the image key/value cache.",
+    )
+    _add_train_options(demo, defaults)
+    _add_common(demo)
+    demo.add_argument("--out", default="model/out", help="directory for PNGs and the checkpoint")
+    demo.add_argument(
+        "--compare-steps",
+        type=int,
+        default=50,
+        help="training steps of the auto-vs-reference backend comparison (0: skip)",
+    )
+    demo.add_argument(
+        "--eval-count",
+        type=int,
+        default=500,
+        help="held-out sequences per task in the final report",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
+    from model.demo import run_demo
+
+    return run_demo(args, _train_config(args))
+
+
+def _train(args) -> int:
+    from model.train import init_distributed_from_env, saved_train_config, train
+
+    init_distributed_from_env()
+    if args.resume:
+        config = saved_train_config(args.resume)
+        config.backend = _backend(args.backend)
+    else:
+        config = _train_config(args)
+    result = train(config, out=args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained to step {len(result.losses)} in {result.seconds:.1f} s; final loss "
+            f"{result.losses[-1]:.4f}; checkpoint in {args.out}"
+        )
+    return 0
+
+
+def _generate(args) -> int:
+    from model.checkpoint import load_model
+    from model.data import Digits, make_batch
+    from model.evaluate import predict
+
+    model, tokenizer = load_model(args.checkpoint, backend=_backend(args.backend))
+    config = model.config
+    data = Digits(seed=_saved_seed(args.checkpoint))
+    generator = torch.Generator().manual_seed(args.seed)
+    per_sequence = {"caption": 1, "interleaved": 2, "video": 3}[args.task]
+    if args.digits is not None:
+        per_sequence = len(args.digits)
+        pools = [torch.nonzero(data.test_labels == d)[:, 0] for d in args.digits]
+        if any(len(pool) == 0 for pool in pools):
+            print(f"no test image of some digit in {args.digits}", file=sys.stderr)
+            return 2
+        index = torch.stack(
+            [pool[torch.randint(len(pool), (args.count,), generator=generator)] for pool in pools],
+            dim=1,
+        )
+    else:
+        index = torch.randint(
+            len(data.test_labels), (args.count, per_sequence), generator=generator
+        )
+    if args.task == "caption" and per_sequence != 1:
+        print("caption takes one image: give one --digits value", file=sys.stderr)
+        return 2
+    if args.task == "video" and per_sequence > config.max_frames:
+        print(f"the model takes clips of at most {config.max_frames} frames", file=sys.stderr)
+        return 2
+    images = data.test_images[index.flatten()].view(*index.shape, *data.test_images.shape[1:])
+    batch = make_batch(args.task, images, data.test_labels[index], tokenizer)
+    _, texts = predict(
+        model,
+        batch,
+        tokenizer,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        use_cache=not args.no_cache,
+        generator=generator,
+    )
+    from model.data import caption_words
+
+    for digits, text in zip(batch.digits.tolist(), texts, strict=True):
+        print(f"images of {caption_words(digits):<24} -> {text}")
+    return 0
+
+
+def _saved_seed(checkpoint: str) -> int:
+    """The data split seed of the run (the train state may be absent from a bare model checkpoint)."""
+    from model.train import saved_train_config
+
+    try:
+        return saved_train_config(checkpoint).seed
+    except FileNotFoundError:
+        return 0
+
+
+def _eval(args) -> int:
+    from model.checkpoint import load_model
+    from model.data import Digits
+    from model.train import evaluate_tasks
+
+    model, tokenizer = load_model(args.checkpoint, backend=_backend(args.backend))
+    try:
+        from model.train import saved_train_config
+
+        config = saved_train_config(args.checkpoint)
+    except FileNotFoundError:
+        config = TrainConfig()
+    config.tasks = tuple(args.tasks)
+    results = evaluate_tasks(
+        model, tokenizer, Digits(seed=config.seed), config, args.examples, torch.device("cpu")
+    )
+    for task, scores in results.items():
+        print(
+            f"{task:<12} every caption right {scores['sequence']:.1%}   per caption "
+            f"{scores['digit']:.1%}"
+        )
+    return 0

@@ -1,0 +1,299 @@
+"""Training: AdamW, linear warmup + cosine decay, gradient clipping, optional bf16 autocast, a tqdm bar,
+periodic held-out evaluation, seeded and resumable (the loss after a resume equals the uninterrupted
+run's at the same step), and DistributedDataParallel under torchrun (gloo on CPU, nccl on GPU).
+
+A step takes one batch of every task (``batch_size`` sequences each, global over ranks), one forward and
+backward per task with the gradients accumulated (DDP syncs on the last), and one optimizer step. The
+step's loss is the mean of the tasks' mean token losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.checkpoint import load_model, load_train_state, save_model, save_train_state
+from model.config import TrainConfig, preset
+from model.data import TASKS, Batch, Digits, TrainSampler, eval_batch
+from model.evaluate import accuracy
+from model.tokenizer import Tokenizer
+from model.vlm import VisionLanguageModel
+
+
+@dataclass
+class TrainResult:
+    model: VisionLanguageModel
+    tokenizer: Tokenizer
+    config: TrainConfig
+    losses: list[float] = field(default_factory=list)  # one per step, from step 1
+    evals: list[dict] = field(default_factory=list)  # {"step": s, task: sequence accuracy}
+    seconds: float = 0.0  # wall time of the steps run in this call
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """lr for optimizer step ``step`` (0-based): linear warmup, then cosine down to min_lr_ratio * lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def build_model(config: TrainConfig, tokenizer: Tokenizer) -> VisionLanguageModel:
+    model_config = preset(
+        config.preset,
+        **{
+            "vocab_size": len(tokenizer),
+            "pad_id": tokenizer.pad_id,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "image_id": tokenizer.image_id,
+            "max_frames": max(config.video_frames, 1),
+            "backend": config.backend,
+            **config.model_overrides,
+        },
+    )
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    return VisionLanguageModel(model_config)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings (dim >= 2), none on norms, biases and gates."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def evaluate_tasks(
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    data: Digits,
+    config: TrainConfig,
+    num_examples: int,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """{task: {"sequence": ..., "digit": ...}} on held-out images."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    for task in config.tasks:
+        batch = eval_batch(
+            task,
+            data,
+            tokenizer,
+            num_examples,
+            interleaved_images=config.interleaved_images,
+            video_frames=config.video_frames,
+        )
+        batch = _to(batch, device)
+        results[task] = accuracy(model, batch, tokenizer)
+    model.train(was_training)
+    return results
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return Batch(
+        batch.input_ids.to(device),
+        batch.targets.to(device),
+        batch.media.to(device),
+        batch.digits,
+        batch.task,
+    )
+
+
+class Trainer:
+    """One training run: model, optimizer, data sampler and history; ``step()`` runs one optimizer step.
+
+    ``resume``: a checkpoint directory of this run to continue from (weights, AdamW moments, RNG states,
+    step). Under an initialised process group the model is wrapped in DistributedDataParallel and each
+    rank takes its rows of every global batch."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | Path | None = None,
+        device: torch.device | None = None,
+    ):
+        self.rank, self.world = _distributed()
+        self.device = device or default_device()
+        self.config = config
+        for task in config.tasks:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+        # The task that uses every weight (video: the resampler too) goes last, where DDP syncs.
+        self.tasks = tuple(sorted(config.tasks, key=lambda t: t == "video"))
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must divide among {self.world} ranks")
+        self.tokenizer = Tokenizer.for_tasks()
+        self.data = Digits(seed=config.seed)
+        self.sampler = TrainSampler(
+            self.data,
+            self.tokenizer,
+            seed=config.seed + 1,
+            augment=config.augment,
+            interleaved_images=config.interleaved_images,
+            video_frames=config.video_frames,
+        )
+        self.model = build_model(config, self.tokenizer).to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.result = TrainResult(self.model, self.tokenizer, config)
+        self.step_count = 0
+        if resume is not None:
+            saved, _ = load_model(resume, self.device, backend=config.backend)
+            self.model.load_state_dict(saved.state_dict())
+            train_state, rng = load_train_state(resume, self.optimizer)
+            self.step_count = train_state["step"]
+            self.result.losses = train_state["losses"]
+            self.result.evals = train_state["evals"]
+            torch.set_rng_state(rng["torch"])
+            self.sampler.generator.set_state(rng["sampler"])
+        self.model.train()
+        self.wrapped = self.model
+        if self.world > 1:
+            self.wrapped = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters="video" not in self.tasks,  # the resampler idles otherwise
+            )
+
+    def step(self) -> float:
+        """One optimizer step over a batch of every task; returns the loss (mean over tasks/ranks)."""
+        config, device = self.config, self.device
+        lr = learning_rate(config, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local = config.batch_size // self.world
+        step_loss = torch.zeros((), device=device)
+        for i, task in enumerate(self.tasks):
+            batch = self.sampler.next(task, config.batch_size)
+            batch = _to(batch.rows(self.rank * local, (self.rank + 1) * local), device)
+            sync = i == len(self.tasks) - 1 or self.world == 1
+            with (
+                contextlib.nullcontext() if sync else self.wrapped.no_sync(),
+                torch.autocast(device.type, torch.bfloat16, enabled=config.bf16),
+            ):
+                _, loss = self.wrapped(batch.input_ids, batch.media, batch.targets)
+            (loss / len(self.tasks)).backward()
+            step_loss += loss.detach() / len(self.tasks)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= self.world
+        self.step_count += 1
+        self.result.losses.append(step_loss.item())
+        return self.result.losses[-1]
+
+    def evaluate(self, num_examples: int) -> dict[str, dict[str, float]]:
+        scores = evaluate_tasks(
+            self.model, self.tokenizer, self.data, self.config, num_examples, self.device
+        )
+        self.result.evals.append(
+            {"step": self.step_count, **{t: s["sequence"] for t, s in scores.items()}}
+        )
+        return scores
+
+    def save(self, out: str | Path) -> None:
+        """The model (+ config, tokenizer) and everything a resume needs."""
+        save_model(out, self.model, self.tokenizer)
+        rng = {"torch": torch.get_rng_state(), "sampler": self.sampler.generator.get_state()}
+        train_state = {
+            "step": self.step_count,
+            "config": self.config.to_json(),
+            "losses": self.result.losses,
+            "evals": self.result.evals,
+        }
+        save_train_state(out, self.optimizer, rng, train_state)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Trains ``config.steps`` steps (or continues the run saved in ``resume``), evaluating every
+    ``eval_every`` steps, and saves the final checkpoint to ``out`` (also every ``checkpoint_every``
+    steps). ``stop_after``: stop after that step (an interrupted run; the schedule still follows
+    ``config.steps``)."""
+    trainer = Trainer(config, resume=resume, device=device)
+    rank = trainer.rank
+    last = config.steps if stop_after is None else min(config.steps, stop_after)
+    bar = tqdm(
+        range(trainer.step_count, last),
+        initial=trainer.step_count,
+        total=config.steps,
+        disable=not progress or rank != 0,
+    )
+    began = time.perf_counter()
+    for _ in bar:
+        loss = trainer.step()
+        done = trainer.step_count
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, done - 1):.2e}")
+        evaluate = config.eval_every and done % config.eval_every == 0 and done != config.steps
+        if evaluate and rank == 0:
+            scores = trainer.evaluate(config.eval_examples)
+            bar.write(
+                f"step {done}: held-out accuracy "
+                + ", ".join(f"{t} {s['sequence']:.1%}" for t, s in scores.items())
+            )
+        periodic = config.checkpoint_every and done % config.checkpoint_every == 0
+        if out is not None and rank == 0 and (done == last or periodic):
+            trainer.save(out)
+    bar.close()
+    trainer.result.seconds = time.perf_counter() - began
+    return trainer.result
+
+
+def saved_train_config(directory: str | Path) -> TrainConfig:
+    """The TrainConfig of the run saved in ``directory`` (to resume it)."""
+    import json
+
+    from safetensors import safe_open
+
+    from model.checkpoint import TRAIN_FILE
+
+    path = Path(directory) / TRAIN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no training state at {path}")
+    with safe_open(path, framework="pt") as f:
+        return TrainConfig.from_json(json.loads(f.metadata()["train"])["config"])

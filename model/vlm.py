@@ -1,0 +1,229 @@
+"""The vision-language model: vision encoder -> multi-layer projector (-> Perceiver resampler for media
+with several frames) -> image tokens that a gated-cross-attention LLaMA decoder reads under the per-token
+media mask of the Mllama rule.
+
+    input_ids [B, S] with M <image> tokens per row
+    media     [B, M, C, H, W] images, or [B, M, F, C, H, W] clips of F frames (F > 1 goes through the
+              resampler; F == 1 is an image)
+    -> logits [B, S, V]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vlm_kernels as vk
+from model.config import ModelConfig
+from model.text import ImageKV, TextDecoder
+from model.vision import VisionEncoder
+from vlm_kernels import nn as vkn
+
+IGNORE_INDEX = -100
+IMAGE_CACHE_MODES = ("kv", "states", "none")
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config)
+        self.multi_modal_projector = vkn.MultiLayerProjector(
+            [config.vision_dim] * self.vision.num_features, config.dim, backend=config.backend
+        )
+        self.resampler = vkn.PerceiverResampler(
+            dim=config.dim,
+            depth=config.resampler_layers,
+            dim_head=config.resampler_head_dim,
+            heads=config.resampler_heads,
+            num_latents=config.num_latents,
+            max_num_frames=config.max_frames,
+            ff_mult=2,
+            backend=config.backend,
+        )
+        self.decoder = TextDecoder(config)
+
+    # ---- inputs --------------------------------------------------------------------------------------
+
+    def set_backend(self, backend: str | None) -> None:
+        """Points every vlm_kernels module of the model at ``backend`` (None = auto)."""
+        self.config.backend = backend
+        for module in self.modules():
+            if hasattr(module, "backend") and module.__class__.__module__.startswith("vlm_kernels"):
+                module.backend = backend
+
+    def check_inputs(self, input_ids: torch.Tensor, media: torch.Tensor) -> None:
+        """Raises ValueError naming the shapes when the ids and the media do not fit together."""
+        c = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be [B, S], got {getattr(input_ids, 'shape', input_ids)}"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.shape[1] > c.max_seq_len:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len={c.max_seq_len}"
+            )
+        if not isinstance(media, torch.Tensor) or media.dim() not in (5, 6):
+            raise ValueError(
+                "media must be [B, M, C, H, W] images or [B, M, F, C, H, W] clips, got "
+                f"{getattr(media, 'shape', media)}"
+            )
+        frame_shape = (c.channels, c.image_size, c.image_size)
+        if tuple(media.shape[-3:]) != frame_shape:
+            raise ValueError(
+                f"each image must be [C, H, W] = {list(frame_shape)}, got media {tuple(media.shape)}"
+            )
+        if media.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"media {tuple(media.shape)} and input_ids {tuple(input_ids.shape)} disagree on the "
+                "batch size"
+            )
+        if media.dim() == 6 and media.shape[2] > c.max_frames:
+            raise ValueError(
+                f"clips have {media.shape[2]} frames, more than max_frames={c.max_frames}"
+            )
+        image_counts = (input_ids == c.image_id).sum(1)
+        num_media = media.shape[1]
+        if bool((image_counts != num_media).any()):
+            raise ValueError(
+                f"every row of input_ids needs one <image> token (id {c.image_id}) per media item: "
+                f"media has M={num_media} per row (media {tuple(media.shape)}), the rows hold "
+                f"{image_counts.tolist()} image tokens"
+            )
+
+    def media_mask(self, input_ids: torch.Tensor, num_media: int) -> torch.Tensor:
+        """[B, S, M] bool: which media each token sees (the Mllama rule of vlm_kernels.masks)."""
+        return vk.masks.from_image_token_ids(input_ids, self.config.image_id, num_media=num_media)
+
+    # ---- the parts -----------------------------------------------------------------------------------
+
+    def encode_media(self, media: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """media -> (image_states [B, M * media_len, D], media_len)."""
+        batch, num_media = media.shape[:2]
+        frames = media.shape[2] if media.dim() == 6 else 1
+        pixels = media.reshape(-1, *media.shape[-3:])  # (B*M*F, C, H, W)
+        features = self.vision(pixels)  # each (B*M*F, T, Dv)
+        tokens = self.multi_modal_projector(features)  # (B*M*F, T, D)
+        if frames > 1:
+            tokens = tokens.view(batch, num_media, frames, *tokens.shape[1:])  # (B, M, F, T, D)
+            tokens = self.resampler(tokens)  # (B, M, num_latents, D)
+        media_len = tokens.shape[-2]
+        return tokens.reshape(batch, num_media * media_len, -1), media_len
+
+    def image_kv(self, media: torch.Tensor) -> tuple[list[ImageKV], int]:
+        """The image keys/values of every cross-attention block (computed once per prompt when decoding)."""
+        image_states, media_len = self.encode_media(media)
+        return self.decoder.compute_image_kv(image_states), media_len
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        media: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ):
+        """Returns logits [B, S, V]; with ``targets [B, S]`` (the token each position must predict,
+        IGNORE_INDEX elsewhere) returns (logits, mean cross-entropy over the targets)."""
+        self.check_inputs(input_ids, media)
+        image_kv, media_len = self.image_kv(media)
+        media_mask = self.media_mask(input_ids, media.shape[1])
+        logits = self.decoder(input_ids, media_mask, image_kv, media_len)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+
+@torch.no_grad()
+def generate(
+    model: VisionLanguageModel,
+    input_ids: torch.Tensor,
+    media: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    use_cache: bool = True,
+    image_cache: str = "kv",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continues every prompt row of ``input_ids [B, S0]`` (equal lengths) by up to ``max_new_tokens``.
+
+    temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the ``top_k`` best.
+    A row stops at <eos> (later positions hold <pad>); the loop stops when all rows have. The special
+    tokens <pad>, <bos> and <image> are never sampled (images are inserted by the caller).
+
+    use_cache: self-attention KV cache (one token per step after the prompt); False recomputes the whole
+        sequence every step (the reference the cached path must equal).
+    image_cache (with use_cache): "kv" runs the vision tower and every cross-attention block's image
+        key/value projections once per prompt; "states" keeps the image states but recomputes the keys/
+        values every step; "none" recomputes both every step (the last two measure what the cache saves).
+
+    Returns [B, S0 + n] with n <= max_new_tokens.
+    """
+    c = model.config
+    model.check_inputs(input_ids, media)
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    if total > c.max_seq_len:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={c.max_seq_len}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if image_cache not in IMAGE_CACHE_MODES:
+        raise ValueError(f"image_cache must be one of {IMAGE_CACHE_MODES}, got {image_cache!r}")
+    if not use_cache:
+        image_cache = "none"
+    device = input_ids.device
+    ids = torch.full((batch, total), c.pad_id, dtype=input_ids.dtype, device=device)
+    ids[:, :prompt_len] = input_ids
+    num_media = media.shape[1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    banned = torch.tensor([c.pad_id, c.bos_id, c.image_id], device=device)
+    if image_cache != "none":
+        image_states, media_len = model.encode_media(media)  # (B, M * media_len, D)
+    if image_cache == "kv":
+        image_kv = model.decoder.compute_image_kv(image_states)
+    if use_cache:
+        model.decoder.setup_caches(batch, total, next(model.parameters()).dtype)
+    try:
+        end = prompt_len
+        for step in range(max_new_tokens):
+            start = 0 if (step == 0 or not use_cache) else end - 1
+            media_mask = model.media_mask(ids[:, :end], num_media)[:, start:end]
+            if image_cache == "kv":
+                kv, length = image_kv, media_len
+            elif image_cache == "states":
+                kv, length = model.decoder.compute_image_kv(image_states), media_len
+            else:
+                kv, length = model.image_kv(media)
+            input_pos = torch.arange(start, end, device=device) if use_cache else None
+            logits = model.decoder(ids[:, start:end], media_mask, kv, length, input_pos)[:, -1]
+            logits[:, banned] = float("-inf")
+            next_token = _sample(logits, temperature, top_k, generator)
+            next_token = torch.where(finished, torch.full_like(next_token, c.pad_id), next_token)
+            ids[:, end] = next_token
+            end += 1
+            finished |= next_token == c.eos_id
+            if bool(finished.all()):
+                break
+    finally:
+        if use_cache:
+            model.decoder.clear_caches()
+    return ids[:, :end]
+
+
+def _sample(logits, temperature, top_k, generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

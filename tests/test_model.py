@@ -1,0 +1,302 @@
+"""The thin VLM of model/: it trains, decodes the same with and without its caches, builds the media mask
+by the Mllama rule, round-trips and resumes checkpoints exactly, trains the same on 2 DDP ranks as on one
+process, and rejects bad inputs with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vlm_kernels as vk
+from model.checkpoint import load_model, save_model
+from model.cli import build_parser, main
+from model.config import TrainConfig, preset
+from model.data import TASKS, Digits, eval_batch, make_batch
+from model.evaluate import predict
+from model.tokenizer import Tokenizer
+from model.train import build_model, learning_rate, train
+from model.vlm import generate
+
+TINY = TrainConfig(preset="tiny", steps=30, batch_size=8, warmup_steps=5, eval_every=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """This model's ops are small: one thread each is fastest, and pytest-xdist runs a worker per core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prompt_through_last_image(batch, tokenizer):
+    """The ids up to and including the last <image> token (all the media inserted)."""
+    last = int((batch.input_ids[0] == tokenizer.image_id).nonzero().max())
+    return batch.input_ids[:, : last + 1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.for_tasks()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return Digits()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny model with open gates, so the images change what it says."""
+    model = build_model(TINY, tokenizer).eval()
+    with torch.no_grad():
+        for block in model.decoder.cross_layers:
+            block.cross_attn_attn_gate.fill_(1.0)
+            block.cross_attn_mlp_gate.fill_(1.0)
+    return model
+
+
+def test_tiny_model_trains_and_its_loss_falls():
+    result = train(TINY, progress=False)
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert len(result.losses) == TINY.steps
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generate_with_and_without_cache_agree(model, tokenizer, data, task):
+    batch = eval_batch(task, data, tokenizer, 6)
+    prompt = prompt_through_last_image(batch, tokenizer)
+    reference = generate(model, prompt, batch.media, 5, use_cache=False)
+    for image_cache in ("kv", "states", "none"):
+        cached = generate(model, prompt, batch.media, 5, image_cache=image_cache)
+        assert torch.equal(cached, reference), image_cache
+    sampled = [
+        generate(
+            model,
+            prompt,
+            batch.media,
+            5,
+            temperature=0.8,
+            top_k=4,
+            use_cache=use_cache,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(*sampled)
+    assert not torch.isin(sampled[0][:, prompt.shape[1] :], torch.tensor([1, 3])).any()
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows(model, tokenizer, data):
+    batch = eval_batch("caption", data, tokenizer, 4)
+    out = generate(model, batch.input_ids[:, :2], batch.media, 8)
+    for row in out[:, 2:].tolist():
+        if tokenizer.eos_id in row:
+            after = row[row.index(tokenizer.eos_id) + 1 :]
+            assert all(t == tokenizer.pad_id for t in after)
+
+
+def test_media_mask_in_the_model_equals_the_builder(model, tokenizer, data):
+    batch = eval_batch("interleaved", data, tokenizer, 3, interleaved_images=3)
+    seen = []
+    hook = model.decoder.cross_layers[0].cross_attn.register_forward_hook(
+        lambda module, args, out: seen.append(args[1])
+    )
+    try:
+        model(batch.input_ids, batch.media)
+    finally:
+        hook.remove()
+    expected = vk.masks.from_image_token_ids(batch.input_ids, tokenizer.image_id)
+    assert torch.equal(seen[0], expected)
+    # <bos> <image> w1 <image> w2 <image> w3 <eos>: each caption sees only its own image
+    by_hand = torch.tensor(
+        [[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]
+    ).bool()
+    assert torch.equal(seen[0][0], by_hand)
+
+
+def test_text_before_the_first_image_passes_unchanged(model, tokenizer, data):
+    batch = eval_batch("video", data, tokenizer, 2)  # <bos> video <image> ...
+    other = batch.media.flip(0)
+    logits, other_logits = model(batch.input_ids, batch.media), model(batch.input_ids, other)
+    assert torch.equal(logits[:, :2], other_logits[:, :2])
+    assert not torch.allclose(logits[:, 2:], other_logits[:, 2:])
+
+
+def test_each_caption_comes_from_its_own_image(model, tokenizer, data):
+    batch = eval_batch("interleaved", data, tokenizer, 2)  # <bos> <image> w1 <image> w2 <eos>
+    changed = batch.media.clone()
+    changed[:, 1] = changed.flip(0)[:, 1]  # swap only the second image between the rows
+    logits, other = model(batch.input_ids, batch.media), model(batch.input_ids, changed)
+    assert torch.equal(logits[:, :3], other[:, :3])  # up to the first caption: unchanged
+    assert not torch.allclose(logits[:, 3:], other[:, 3:])
+
+
+def test_checkpoint_round_trip(model, tokenizer, data, tmp_path):
+    save_model(tmp_path, model, tokenizer)
+    loaded, loaded_tokenizer = load_model(tmp_path)
+    assert loaded_tokenizer.words == tokenizer.words
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    batch = eval_batch("video", data, tokenizer, 3)
+    assert torch.equal(model(batch.input_ids, batch.media), loaded(batch.input_ids, batch.media))
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    config = dataclasses.replace(TINY, steps=6, warmup_steps=2)
+    uninterrupted = train(config, progress=False)
+    train(config, out=tmp_path, stop_after=3, progress=False)
+    resumed = train(config, resume=tmp_path, progress=False)
+    assert resumed.losses == uninterrupted.losses  # bit for bit, steps 1-3 saved, 4-6 recomputed
+    for a, b in zip(resumed.model.parameters(), uninterrupted.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _ddp_worker(rank: int, world: int, store: str, config: TrainConfig, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = train(config, progress=False, device=torch.device("cpu"))
+        if rank == 0:
+            torch.save({"losses": result.losses, "state": result.model.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_match_single_process_training(tmp_path):
+    config = dataclasses.replace(TINY, steps=4, warmup_steps=2)
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), config, str(out)), nprocs=2)
+    ddp = torch.load(out)
+    single = train(config, progress=False)
+    torch.testing.assert_close(ddp["losses"], single.losses, atol=1e-5, rtol=1e-5)
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(ddp["state"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bad_inputs_give_clear_errors(model, tokenizer, data):
+    batch = eval_batch("interleaved", data, tokenizer, 2)
+    with pytest.raises(ValueError, match=r"one <image> token .* per media item"):
+        model(batch.input_ids, batch.media[:, :1])
+    with pytest.raises(ValueError, match=r"each image must be \[C, H, W\] = \[1, 8, 8\]"):
+        model(batch.input_ids, torch.zeros(2, 2, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="batch size"):
+        model(batch.input_ids, batch.media[:1])
+    with pytest.raises(ValueError, match="media must be"):
+        model(batch.input_ids, batch.media[0])
+    clip = torch.zeros(2, 1, 9, 1, 8, 8, dtype=torch.uint8)
+    ids = batch.input_ids[:, :3]
+    with pytest.raises(ValueError, match="max_frames"):
+        model(ids[:, :2], clip)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, batch.input_ids, batch.media, 1000)
+    with pytest.raises(ValueError, match="image_cache"):
+        generate(model, batch.input_ids, batch.media, 2, image_cache="sometimes")
+
+
+def test_batches_and_targets(tokenizer):
+    images = torch.zeros(1, 3, 1, 8, 8, dtype=torch.uint8)
+    batch = make_batch("video", images, torch.tensor([[3, 1, 4]]), tokenizer)
+    assert tokenizer.decode(batch.input_ids[0]) == "<bos> video <image> three one four <eos>"
+    predicted = [tokenizer.words[t] if t >= 0 else "-" for t in batch.targets[0].tolist()]
+    assert predicted == ["-", "-", "three", "one", "four", "<eos>", "-"]
+    assert batch.media.shape == (1, 1, 3, 1, 8, 8)
+    assert tokenizer.decode(tokenizer.encode("<image> seven")) == "<image> seven"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tokenizer.encode("eleven")
+
+
+def test_learning_rate_schedule():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 99) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_presets_and_backend_switch(tokenizer):
+    assert preset("tiny").dim < preset("demo").dim
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    model = build_model(TINY, tokenizer)
+    model.set_backend("reference")
+    assert model.decoder.cross_layers[0].cross_attn.backend == "reference"
+    assert model.vision.patch_embed.backend == "reference"
+    assert all(a.backend == "reference" for a, _ in model.resampler.layers)
+
+
+def test_cli_help_explains_every_command(capsys):
+    for command in ([], ["train"], ["generate"], ["eval"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--resume", "--bf16", "--temperature", "--top-k", "--compare-steps"):
+        assert flag in text
+    assert build_parser().parse_args(["train", "--steps", "3"]).steps == 3
+
+
+def test_cli_train_generate_eval(tmp_path, capsys):
+    out = str(tmp_path / "ckpt")
+    common = ["--threads", "1"]
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--out",
+                out,
+                "--eval-every",
+                "0",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                out,
+                "--task",
+                "video",
+                "--digits",
+                "3",
+                "1",
+                "4",
+                "--count",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", "--checkpoint", out, "--examples", "4", *common]) == 0
+    text = capsys.readouterr().out
+    assert "three one four" in text and "every caption right" in text
+
+
+def test_predict_interleaved_writes_one_caption_per_image(model, tokenizer, data):
+    batch = eval_batch("interleaved", data, tokenizer, 3, interleaved_images=3)
+    predictions, texts = predict(model, batch, tokenizer)
+    assert all(len(p) >= 3 for p in predictions)
+    assert len(texts) == 3
+
+
+def test_bf16_autocast_training_runs():
+    config = dataclasses.replace(TINY, steps=3, warmup_steps=1, bf16=True)
+    losses = train(config, progress=False).losses
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))

@@ -53,7 +53,7 @@ def _patch_inputs(with_uint8=False):
 # ---- opcheck -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "cuda_sim", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda_sim", "triton"])
 def test_opcheck_image_text_attention(backend):
     q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
     for empty_rows in ("zero", "uniform"):

@@ -2,6 +2,7 @@
 // (vlm_kernels/ops); they call these functions from their kernel tables.
 #include <torch/extension.h>
 
+#include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
 #include "torch/ops.h"
 
@@ -25,6 +26,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_chunk_schedule_cpu", &vlmk::block_chunk_schedule_cpu, "media_mask"_a, "block_q"_a);
   m.def("block_chunk_schedule_cuda_sim", &vlmk::block_chunk_schedule_cuda_sim, "media_mask"_a,
         "block_q"_a);
+  m.def("image_text_attention_fwd_cpu", &vlmk::image_text_attention_fwd_cpu, "q"_a, "k"_a, "v"_a,
+        "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
+  m.def("image_text_attention_bwd_cpu", &vlmk::image_text_attention_bwd_cpu, "grad_out"_a, "q"_a,
+        "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a, "uniform"_a);
+  m.def("image_text_attention_cpu_supported", &vlmk::image_text_attention_cpu_supported);
   m.def("image_text_attention_fwd_cuda_sim", &vlmk::image_text_attention_fwd_cuda_sim, "q"_a, "k"_a,
         "v"_a, "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
 }

@@ -21,12 +21,15 @@ class KernelTable:
     backward: dict[str, Callable] = field(default_factory=dict)
     # Backends whose kernels take only some dtypes (e.g. no float64); absent = every dtype.
     dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+    # Backends whose kernels need something of this machine (e.g. a CPU instruction set); absent = none.
+    usable: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
     def _backend(self, device: torch.device, backend: str, dtype: torch.dtype | None) -> str:
         kernels = [
             name
             for name in self.forward
-            if dtype is None or dtype in self.dtypes.get(name, (dtype,))
+            if (dtype is None or dtype in self.dtypes.get(name, (dtype,)))
+            and self.usable.get(name, lambda: True)()
         ]
         what = self.op_name if dtype is None else f"{self.op_name} ({dtype})"
         return resolve_backend(what, kernels, device, backend)

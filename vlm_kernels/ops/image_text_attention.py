@@ -237,8 +237,29 @@ def _backward_triton(grad_out, q, k, v, media_mask, out, lse, media_len, scale, 
     )
 
 
+def _forward_cpu(q, k, v, media_mask, media_len, scale, empty_rows):
+    return _extension()[0].image_text_attention_fwd_cpu(
+        q, k, v, media_mask, media_len, scale, empty_rows == "uniform"
+    )
+
+
+def _backward_cpu(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    return _extension()[0].image_text_attention_bwd_cpu(
+        grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows == "uniform"
+    )
+
+
+def _cpu_supported() -> bool:
+    """The C++ kernels need AVX-512 (checked at run time by the extension)."""
+    extension = _extension()[0]
+    return extension is not None and extension.image_text_attention_cpu_supported()
+
+
+TABLE.forward["cpu"] = _forward_cpu
+TABLE.backward["cpu"] = _backward_cpu
+TABLE.usable["cpu"] = _cpu_supported
 TABLE.forward["triton"] = _forward_triton
 TABLE.backward["triton"] = _backward_triton
 # The compiled and Triton kernels take 16/32-bit floats; float64 stays on the reference.
-for _backend in ("cuda", "cuda_sim", "triton"):
+for _backend in ("cpu", "cuda", "cuda_sim", "triton"):
     TABLE.dtypes[_backend] = FLOAT_DTYPES

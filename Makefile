@@ -59,8 +59,10 @@ cpu-only-build: $(STAMP)
 	VLMK_SKIP_CUDA_BUILD=1 $(PY) setup.py -q build_ext --build-temp build/cpu-only/temp --build-lib build/cpu-only/lib
 	VLMK_EXTENSION_DIR=build/cpu-only/lib $(PY) -m pytest -q tests/cpu_only_build_check.py
 
+# The README's image_text_attention table (CPU backend vs SDPA / compiled Flex / SDPA per run).
 bench: build
-	$(PY) -m benchmarks --help
+	$(PY) -m benchmarks --op image_text_attention --shape mllama-11b --mask 1of4,all --dtype fp32,bf16 \
+		--mode fwd --repeats 5 --providers vk-cpu,sdpa,flex,sdpa_runs
 
 clean:
 	rm -rf build vlm_kernels/_C*.so *.egg-info

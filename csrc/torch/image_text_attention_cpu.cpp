@@ -92,6 +92,34 @@ const uint8_t* mask_data(const at::Tensor& media_mask) {
   return reinterpret_cast<const uint8_t*>(media_mask.const_data_ptr<bool>());
 }
 
+// The fields the forward and backward params share (same names in both structs).
+template <typename Params>
+void set_shared_fields(Params& p, const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
+                       const at::Tensor& media_mask, const Sizes& s, int64_t media_len,
+                       double scale, bool uniform) {
+  p.q_stride_batch = qc.stride(0);
+  p.q_stride_token = qc.stride(1);
+  p.q_stride_head = qc.stride(2);
+  p.k_stride_batch = kc.stride(0);
+  p.k_stride_token = kc.stride(1);
+  p.k_stride_head = kc.stride(2);
+  p.v_stride_batch = vc.stride(0);
+  p.v_stride_token = vc.stride(1);
+  p.v_stride_head = vc.stride(2);
+  p.mask_stride_batch = media_mask.stride(0);
+  p.mask_stride_query = media_mask.stride(1);
+  p.mask_stride_chunk = media_mask.stride(2);
+  p.batch = s.batch;
+  p.query_len = s.query_len;
+  p.heads_q = s.heads_q;
+  p.heads_kv = s.heads_kv;
+  p.head_dim = s.head_dim;
+  p.num_chunks = s.chunks;
+  p.media_len = media_len;
+  p.scale = static_cast<float>(scale);
+  p.uniform = uniform;
+}
+
 }  // namespace
 
 bool image_text_attention_cpu_supported() { return cpu::image_text_attention_supported(); }
@@ -127,27 +155,7 @@ std::tuple<at::Tensor, at::Tensor> image_text_attention_fwd_cpu(
   p.media_mask = mask_data(media_mask);
   p.out = out_c.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.q_stride_batch = qc.stride(0);
-  p.q_stride_token = qc.stride(1);
-  p.q_stride_head = qc.stride(2);
-  p.k_stride_batch = kc.stride(0);
-  p.k_stride_token = kc.stride(1);
-  p.k_stride_head = kc.stride(2);
-  p.v_stride_batch = vc.stride(0);
-  p.v_stride_token = vc.stride(1);
-  p.v_stride_head = vc.stride(2);
-  p.mask_stride_batch = media_mask.stride(0);
-  p.mask_stride_query = media_mask.stride(1);
-  p.mask_stride_chunk = media_mask.stride(2);
-  p.batch = s.batch;
-  p.query_len = s.query_len;
-  p.heads_q = s.heads_q;
-  p.heads_kv = s.heads_kv;
-  p.head_dim = s.head_dim;
-  p.num_chunks = s.chunks;
-  p.media_len = media_len;
-  p.scale = static_cast<float>(scale);
-  p.uniform = uniform;
+  set_shared_fields(p, qc, kc, vc, media_mask, s, media_len, scale, uniform);
   cpu::image_text_attention_fwd(p);
   if (!out_c.is_same(out)) out.copy_(out_c);
   return {out, lse};
@@ -202,27 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> image_text_attention_bwd_cpu(
   p.out_stride_batch = out_c.stride(0);
   p.out_stride_token = out_c.stride(1);
   p.out_stride_head = out_c.stride(2);
-  p.q_stride_batch = qc.stride(0);
-  p.q_stride_token = qc.stride(1);
-  p.q_stride_head = qc.stride(2);
-  p.k_stride_batch = kc.stride(0);
-  p.k_stride_token = kc.stride(1);
-  p.k_stride_head = kc.stride(2);
-  p.v_stride_batch = vc.stride(0);
-  p.v_stride_token = vc.stride(1);
-  p.v_stride_head = vc.stride(2);
-  p.mask_stride_batch = media_mask.stride(0);
-  p.mask_stride_query = media_mask.stride(1);
-  p.mask_stride_chunk = media_mask.stride(2);
-  p.batch = s.batch;
-  p.query_len = s.query_len;
-  p.heads_q = s.heads_q;
-  p.heads_kv = s.heads_kv;
-  p.head_dim = s.head_dim;
-  p.num_chunks = s.chunks;
-  p.media_len = media_len;
-  p.scale = static_cast<float>(scale);
-  p.uniform = uniform;
+  set_shared_fields(p, qc, kc, vc, media_mask, s, media_len, scale, uniform);
   cpu::image_text_attention_bwd(p);
   if (runs_as_float32(q)) {
     return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};

@@ -2,20 +2,24 @@
 
 - TRITON_INTERPRET=1 before anything imports triton: the triton backend then runs CPU tensors through
   Triton's interpreter (DESIGN §4), and the interpreter's bf16 ``tl.dot`` fault is patched test-side.
+  Not with VLMK_TEST_DEVICE=cuda (tests/devices.py): there the triton backend runs CUDA tensors on the GPU.
 - Heavy cases are marked ``slow`` and deselected unless VLMK_SLOW_TESTS=1 (or ``-m slow`` is given).
 """
 
 import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("VLMK_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 
+from tests.devices import ON_CUDA
 from tests.triton_interpreter import patch_interpreter_bf16_dot
 
-patch_interpreter_bf16_dot()
+if not ON_CUDA:
+    patch_interpreter_bf16_dot()
 
 
 def pytest_collection_modifyitems(config, items):

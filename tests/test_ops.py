@@ -1,10 +1,16 @@
 """The public ops as torch.library custom ops: opcheck, torch.compile(fullgraph=True), autograd through
-the op vs the reference, dispatch, and the validation errors."""
+the op vs the reference, dispatch, and the validation errors. Tensors live on ``TEST_DEVICE``
+(tests/devices.py: CPU by default, the GPU under VLMK_TEST_DEVICE=cuda)."""
+
+import warnings
 
 import pytest
 import torch
 
 import vlm_kernels as vk
+from tests.devices import DEVICE_BACKENDS, ON_CUDA, TEST_DEVICE
+from vlm_kernels._backends import _warn_once
+from vlm_kernels.ops._registry import TABLES
 from vlm_kernels.ops.block_chunk_schedule import block_chunk_schedule_op
 from vlm_kernels.ops.concat_project import concat_project_op
 from vlm_kernels.ops.image_text_attention import image_text_attention_op
@@ -18,42 +24,63 @@ from vlm_kernels.reference import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _tensors_on_test_device():
+    """Factory calls without a device (e.g. torch.randn(2, 3)) build TEST_DEVICE tensors."""
+    with torch.device(TEST_DEVICE):
+        yield
+
+
 def _attention_inputs(
     batch=2, query_len=7, heads_q=4, heads_kv=2, head_dim=16, chunks=3, media_len=5
 ):
-    q = torch.randn(batch, query_len, heads_q, head_dim, requires_grad=True)
-    k = torch.randn(batch, chunks * media_len, heads_kv, head_dim, requires_grad=True)
-    v = torch.randn(batch, chunks * media_len, heads_kv, head_dim, requires_grad=True)
-    media_mask = torch.rand(batch, query_len, chunks) > 0.5
+    dev = TEST_DEVICE
+    q = torch.randn(batch, query_len, heads_q, head_dim, device=dev, requires_grad=True)
+    k = torch.randn(batch, chunks * media_len, heads_kv, head_dim, device=dev, requires_grad=True)
+    v = torch.randn(batch, chunks * media_len, heads_kv, head_dim, device=dev, requires_grad=True)
+    media_mask = torch.rand(batch, query_len, chunks, device=dev) > 0.5
     media_mask[0, 0] = False
     return q, k, v, media_mask, media_len
 
 
 def _perceiver_inputs(batch=2, latents=4, media=9, heads_q=4, heads_kv=2, head_dim=8):
-    q = torch.randn(batch, latents, heads_q, head_dim, requires_grad=True)
-    media_kv = [torch.randn(batch, media, heads_kv, head_dim, requires_grad=True) for _ in range(2)]
-    latent_kv = [
-        torch.randn(batch, latents, heads_kv, head_dim, requires_grad=True) for _ in range(2)
+    dev = TEST_DEVICE
+    q = torch.randn(batch, latents, heads_q, head_dim, device=dev, requires_grad=True)
+    media_kv = [
+        torch.randn(batch, media, heads_kv, head_dim, device=dev, requires_grad=True)
+        for _ in range(2)
     ]
-    return q, *media_kv, *latent_kv, torch.rand(batch, media) > 0.3
+    latent_kv = [
+        torch.randn(batch, latents, heads_kv, head_dim, device=dev, requires_grad=True)
+        for _ in range(2)
+    ]
+    return q, *media_kv, *latent_kv, torch.rand(batch, media, device=dev) > 0.3
 
 
 def _patch_inputs(with_uint8=False):
+    dev = TEST_DEVICE
     pixels = (
-        torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8)
+        torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8, device=dev)
         if with_uint8
-        else torch.randn(2, 3, 8, 12, requires_grad=True)
+        else torch.randn(2, 3, 8, 12, device=dev, requires_grad=True)
     )
-    weight = torch.randn(6, 3, 4, 4, requires_grad=True)
-    bias, cls = (torch.randn(6, requires_grad=True) for _ in range(2))
-    pos = torch.randn(7, 6, requires_grad=True)
-    return pixels, weight, bias, cls, pos, torch.rand(3), torch.rand(3) + 0.5
+    weight = torch.randn(6, 3, 4, 4, device=dev, requires_grad=True)
+    bias, cls = (torch.randn(6, device=dev, requires_grad=True) for _ in range(2))
+    pos = torch.randn(7, 6, device=dev, requires_grad=True)
+    mean, std = torch.rand(3, device=dev), torch.rand(3, device=dev) + 0.5
+    return pixels, weight, bias, cls, pos, mean, std
 
 
 # ---- opcheck -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda_sim", "triton"])
+def _backends_with_kernel(op: str) -> list[str]:
+    """The backends with a kernel for ``op`` that run ``TEST_DEVICE`` tensors here."""
+    available = vk.available_backends()
+    return [b for b in DEVICE_BACKENDS if available[b] and b in TABLES[op].forward]
+
+
+@pytest.mark.parametrize("backend", _backends_with_kernel("image_text_attention"))
 def test_opcheck_image_text_attention(backend):
     q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
     for empty_rows in ("zero", "uniform"):
@@ -86,9 +113,9 @@ def test_opcheck_concat_project():
     torch.library.opcheck(concat_project_op, (features, weight, None, "reference"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda_sim"])
+@pytest.mark.parametrize("backend", _backends_with_kernel("block_chunk_schedule"))
 def test_opcheck_block_chunk_schedule(backend):
-    media_mask = torch.rand(2, 9, 5) > 0.7
+    media_mask = torch.rand(2, 9, 5, device=TEST_DEVICE) > 0.7
     torch.library.opcheck(block_chunk_schedule_op, (media_mask, 4, backend))
 
 
@@ -219,8 +246,11 @@ def test_explicit_backend_without_kernel_is_a_clear_error():
     *perceiver_tensors, _ = _perceiver_inputs()
     with pytest.raises(ValueError, match="no 'cuda' kernel"):
         vk.perceiver_attention(*perceiver_tensors, backend="cuda")
-    with pytest.raises(ValueError, match="cannot run cpu tensors"):
-        vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="cuda")
+    elsewhere = (
+        "cpu" if ON_CUDA else "cuda"
+    )  # a backend with a kernel that cannot run these tensors
+    with pytest.raises(ValueError, match=f"cannot run {TEST_DEVICE} tensors"):
+        vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend=elsewhere)
     with pytest.raises(ValueError, match="backend must be"):
         vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="gpu")
 
@@ -240,7 +270,54 @@ def test_auto_and_env_override(monkeypatch):
         resolve_backend("x", ["reference", "cuda"], cpu, "cuda")
 
 
+def test_backward_without_kernel_warns_and_uses_the_reference_on_cpu():
+    """cuda_sim has a forward kernel only: its gradients run on the reference backward, with a
+    warning naming the op and the backend (once), never silently."""
+    if "cuda_sim" not in _backends_with_kernel("image_text_attention"):
+        pytest.skip("cuda_sim does not run on this test device")
+    q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
+    out = vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="cuda_sim")
+    _warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"image_text_attention.*'cuda_sim'.*'reference'"):
+        out.sum().backward()
+    expected = image_text_attention_reference(q, k, v, media_mask, media_len=media_len)
+    want = torch.autograd.grad(expected.sum(), (q,))[0]
+    torch.testing.assert_close(q.grad, want, atol=1e-4, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per (op, backend): the second backward is quiet
+        vk.image_text_attention(
+            q, k, v, media_mask, media_len=media_len, backend="cuda_sim"
+        ).sum().backward()
+
+
+def test_backward_without_kernel_takes_the_gpu_kernel_on_cuda_tensors():
+    """On CUDA tensors a forward-only backend (cuda) borrows the Triton backward, not the dense
+    reference one that would materialize [B, H, Lq, Lk]."""
+    table = TABLES["image_text_attention"]
+    if not vk.available_backends()["triton"]:
+        pytest.skip("triton is not available here")
+    assert "cuda" not in table.backward, "cuda has a backward kernel now: update this test"
+    _warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"'cuda' backend has no backward.*'triton'"):
+        chosen = table.backward_for(torch.device("cuda"), "cuda", torch.bfloat16)
+    assert chosen is table.backward["triton"]
+
+
 # ---- validation ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["image_text_attention", "perceiver_attention"])
+def test_zero_head_dim_is_a_clear_error(op):
+    if op == "image_text_attention":
+        q, k, v, media_mask, media_len = _attention_inputs()
+        args = (q[..., :0], k[..., :0], v[..., :0], media_mask)
+        call = lambda: vk.image_text_attention(*args, media_len=media_len)  # noqa: E731
+    else:
+        q, k_media, v_media, k_lat, v_lat, _ = _perceiver_inputs()
+        args = (t[..., :0] for t in (q, k_media, v_media, k_lat, v_lat))
+        call = lambda: vk.perceiver_attention(*args)  # noqa: E731
+    with pytest.raises(ValueError, match=r"q must have a head dim Dh >= 1 .*got shape"):
+        call()
 
 
 def test_image_text_attention_bad_inputs():

@@ -80,3 +80,13 @@ def check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
                 f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides "
                 f"{tuple(t.stride())}; call .contiguous() first"
             )
+
+
+def check_head_dim(name: str, tensor: torch.Tensor, shape_doc: str) -> int:
+    """The last dim of ``tensor`` is a head dim of at least 1 (the default scale is ``Dh ** -0.5``)."""
+    head_dim = tensor.shape[-1]
+    if head_dim < 1:
+        raise ValueError(
+            f"{name} must have a head dim Dh >= 1 {shape_doc}, got shape {tuple(tensor.shape)}"
+        )
+    return head_dim

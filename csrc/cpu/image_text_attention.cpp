@@ -880,7 +880,8 @@ class Forward {
     }
   }
 
-  // out = acc / sum, lse = max + log(sum); rows that saw nothing: 0 and -inf.
+  // out = acc / sum, lse = max + log(sum); rows that saw nothing: 0 and -inf. A NaN sum (a NaN or
+  // an inf - inf among the row's visible scores) is not "nothing": it writes NaN, as SDPA does.
   void write_rows(int64_t b, int64_t t0, int64_t kv_head, int64_t rows, const float* row_max,
                   const float* row_sum, const float* acc) const {
     const int64_t dh = p_.head_dim;
@@ -889,7 +890,7 @@ class Forward {
       const int64_t t = t0 + row / group_, h = kv_head * group_ + row % group_;
       T* dst = out + ((b * p_.query_len + t) * p_.heads_q + h) * dh;
       float* lse = p_.lse + (b * p_.heads_q + h) * p_.query_len + t;
-      if (row_sum[row] > 0.f) {
+      if (row_sum[row] != 0.f) {
         store_scaled(dst, acc + row * dh, 1.f / row_sum[row], dh);
         *lse = row_max[row] + std::log(row_sum[row]);
       } else {
@@ -912,11 +913,17 @@ class Forward {
         const int64_t rows = std::min(block_q_, p_.query_len - t0) * group_;
         for (int64_t row = 0; row < rows; ++row) {
           float top = -kInf;
+          bool poisoned = false;  // a split saw NaN: the row's output is NaN (write_rows)
           for (int64_t s = 0; s < splits_; ++s) {
             const int64_t task = block_task * splits_ + s;
-            if (partial_sum_[task * rows_ + row] > 0.f) {
-              top = std::max(top, partial_max_[task * rows_ + row]);
-            }
+            const float sum = partial_sum_[task * rows_ + row];
+            poisoned |= std::isnan(sum);
+            if (sum > 0.f) top = std::max(top, partial_max_[task * rows_ + row]);
+          }
+          if (poisoned) {
+            row_max[row] = row_sum[row] = std::numeric_limits<float>::quiet_NaN();
+            std::fill(acc.data() + row * dh, acc.data() + (row + 1) * dh, row_sum[row]);
+            continue;
           }
           float total = 0.f;
           for (int64_t s = 0; s < splits_; ++s) {

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlm_kernels._backends import resolve_backend
+from vlm_kernels._backends import _warn_once, resolve_backend
+
+# Backward kernels tried, fastest first, for a CUDA-tensor backend that has a forward kernel only.
+_GPU_BACKWARD_ORDER = ("triton", "cuda")
 
 
 @dataclass
@@ -42,10 +45,36 @@ class KernelTable:
     def backward_for(
         self, device: torch.device, backend: str, dtype: torch.dtype | None = None
     ) -> Callable:
-        # The backward runs on the backend the forward ran on; a backend with a forward kernel but no
-        # backward kernel falls back to the reference backward.
+        """The backward kernel of the backend the forward ran on. A backend with a forward kernel but
+        no backward kernel never falls back silently: it warns once per (op, backend), then on CUDA
+        tensors runs the fastest GPU backward kernel that exists here (the dense reference backward
+        would materialize [B, H, Lq, Lk]), elsewhere the reference backward."""
         name = self._backend(device, backend, dtype)
-        return self.backward.get(name, self.backward["reference"])
+        if name in self.backward:
+            return self.backward[name]
+        substitute = "reference"
+        if device.type == "cuda":
+            for candidate in _GPU_BACKWARD_ORDER:
+                if candidate in self.backward and self._usable(candidate, device, dtype):
+                    substitute = candidate
+                    break
+        _warn_once(
+            f"{self.op_name}: the {name!r} backend has no backward kernel; its gradients run on "
+            f"the {substitute!r} backward"
+        )
+        return self.backward[substitute]
+
+    def _usable(self, name: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+        """Whether backend ``name`` has a kernel for ``dtype`` that can run ``device`` tensors here."""
+        if dtype is not None and dtype not in self.dtypes.get(name, (dtype,)):
+            return False
+        if not self.usable.get(name, lambda: True)():
+            return False
+        try:
+            resolve_backend(self.op_name, [name], device, name)
+        except ValueError:
+            return False
+        return True
 
 
 TABLES: dict[str, KernelTable] = {}

@@ -17,6 +17,7 @@ from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
+    check_head_dim,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -68,6 +69,7 @@ def image_text_attention(
 
 def _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows) -> None:
     check_tensor("q", q, ndim=4, dtypes=(*FLOAT_DTYPES, torch.float64), shape_doc="[B, Lq, Hq, Dh]")
+    check_head_dim("q", q, "[B, Lq, Hq, Dh]")
     batch, query_len, heads_q, head_dim = q.shape
     check_tensor("k", k, ndim=4, shape=(batch, None, None, head_dim), shape_doc="[B, Lk, Hkv, Dh]")
     check_tensor("v", v, ndim=4, shape=tuple(k.shape), shape_doc="[B, Lk, Hkv, Dh] (= k's shape)")

@@ -17,6 +17,7 @@ import torch
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
+    check_head_dim,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -68,6 +69,7 @@ def perceiver_attention(
 
 def _check_inputs(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale) -> None:
     check_tensor("q", q, ndim=4, dtypes=(*FLOAT_DTYPES, torch.float64), shape_doc="[B, Nl, Hq, Dh]")
+    check_head_dim("q", q, "[B, Nl, Hq, Dh]")
     batch, num_latents, heads_q, head_dim = q.shape
     check_tensor(
         "k_media",

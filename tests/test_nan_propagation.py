@@ -1,0 +1,98 @@
+"""NaN and inf in q/k/v reach the output on every backend, as they do through SDPA (issue 7).
+
+A kernel that skips invisible work must not also skip bad values: a query row holding NaN, or a NaN in
+a key or value the row can see, makes that row NaN (a diverging training run must show, not read as
+zeros). NaN in a chunk no row of a query block sees is never loaded (the chunk-skipping tests poison
+such chunks), and a row never *needs* NaN from a key it cannot see: the dense reference multiplies
+those by a zero probability (0 * NaN = NaN), the skipping kernels do not, so that part is allowed,
+not required. The backward: a NaN query row gives a NaN dq row.
+"""
+
+import pytest
+import torch
+
+import vlm_kernels as vk
+from tests.devices import DEVICE_BACKENDS, TEST_DEVICE
+from vlm_kernels.ops._registry import TABLES
+from vlm_kernels.reference import image_text_attention_reference
+
+BATCH, QUERY_LEN, HEADS_Q, HEADS_KV, HEAD_DIM, CHUNKS, MEDIA_LEN = 2, 40, 4, 2, 64, 3, 24
+DECODE_LEN = 3  # Lq <= 16 takes the split-KV decode path on the GPU backends
+
+
+def _backends():
+    available = vk.available_backends()
+    table = TABLES["image_text_attention"]
+    return [b for b in DEVICE_BACKENDS if available[b] and b in table.forward]
+
+
+def _inputs(query_len, dtype):
+    shape_kv = (BATCH, CHUNKS * MEDIA_LEN, HEADS_KV, HEAD_DIM)
+    q = torch.randn(BATCH, query_len, HEADS_Q, HEAD_DIM, device=TEST_DEVICE).to(dtype)
+    k = torch.randn(shape_kv, device=TEST_DEVICE).to(dtype)
+    v = torch.randn(shape_kv, device=TEST_DEVICE).to(dtype)
+    # First half of the text sees chunk 0, second half chunk 1; nobody sees chunk 2.
+    mask = torch.zeros(BATCH, query_len, CHUNKS, dtype=torch.bool, device=TEST_DEVICE)
+    mask[:, : query_len // 2 + 1, 0] = True
+    mask[:, query_len // 2 + 1 :, 1] = True
+    return q, k, v, mask
+
+
+# (tensor, index into it, value); rows of the first half see key 5 (chunk 0), row 1 is in that half.
+POISONS = {
+    "nan-q": ("q", (1, 1, 2, 7), float("nan")),
+    "inf-q": ("q", (1, 1, 2, 7), float("inf")),
+    "nan-k": ("k", (0, 5, 1, 3), float("nan")),
+    "inf-k": ("k", (0, 5, 1, 3), float("-inf")),
+    "nan-v": ("v", (0, 5, 1, 3), float("nan")),
+    "nan-k-unseen-chunk": ("k", (0, 2 * MEDIA_LEN + 1, 0, 0), float("nan")),
+}
+
+
+def _touched_rows(name, index, mask, query_len):
+    """[B, Lq, Hq, 1] bool: the output rows that see the poisoned element."""
+    touched = torch.zeros(BATCH, query_len, HEADS_Q, 1, dtype=torch.bool, device=mask.device)
+    group = HEADS_Q // HEADS_KV
+    if name == "q":
+        touched[index[0], index[1], index[2]] = True
+    else:
+        b, key, kv_head = index[:3]
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        touched[b, :, heads] = mask[b, :, key // MEDIA_LEN, None, None]
+    return touched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("query_len", [QUERY_LEN, DECODE_LEN])
+@pytest.mark.parametrize("poison", sorted(POISONS))
+@pytest.mark.parametrize("backend", _backends())
+def test_bad_values_reach_the_rows_that_see_them(backend, poison, query_len, dtype):
+    q, k, v, mask = _inputs(query_len, dtype)
+    name, index, value = POISONS[poison]
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[name][index] = value
+    out = vk.image_text_attention(q, k, v, mask, media_len=MEDIA_LEN, backend=backend)
+    ref = image_text_attention_reference(
+        q.double(), k.double(), v.double(), mask, media_len=MEDIA_LEN
+    )
+
+    required = ref.isnan() & _touched_rows(name, index, mask, query_len)
+    assert out.isnan()[required].all(), f"{backend}: NaN lost in rows that see the bad value"
+    # No NaN where the dense reference has none, and the clean rows stay right.
+    assert not (out.isnan() & ~ref.isnan()).any(), f"{backend}: NaN where the reference has none"
+    clean = ~ref.isnan()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double()[clean], ref[clean], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_nan_query_row_gives_nan_gradient(backend):
+    q, k, v, mask = _inputs(QUERY_LEN, torch.float32)
+    q[1, 1, 2, 7] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = vk.image_text_attention(*leaves, mask, media_len=MEDIA_LEN, backend=backend)
+    grad_out = torch.randn_like(out)
+    grad_out[1, 1] = 0  # even with a zero cotangent on that row (0 * NaN = NaN, as autograd does)
+    dq, _, _ = torch.autograd.grad(out, leaves, grad_out)
+    assert dq[1, 1, 2].isnan().all(), f"{backend}: NaN query row gave a finite dq"
+    assert not dq[0].isnan().any(), f"{backend}: NaN leaked into another sequence's dq"

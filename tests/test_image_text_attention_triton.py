@@ -1,13 +1,16 @@
 """The Triton image_text_attention kernels (forward, backward, split-KV decode) against the reference,
 on CPU tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 and patches the
-interpreter's bf16 ``tl.dot``). Tolerances: DESIGN §6 via tests/attention_testing.py.
+interpreter's bf16 ``tl.dot``), or compiled on CUDA tensors with VLMK_TEST_DEVICE=cuda (tests/devices.py).
+Tolerances: DESIGN §6 via tests/attention_testing.py.
 
 The interpreter runs every program one after another in numpy, so shapes stay small; heavier cases are
 marked ``slow``. Every kernel output buffer is poisoned with NaN at allocation (``poisoned_allocations``),
-so an element a kernel forgets to write fails the comparison.
+so an element a kernel forgets to write fails the comparison. Every autotune config of every kernel runs
+in ``test_every_config_matches_reference`` (``force_triton_config``).
 """
 
 import contextlib
+import functools
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -16,19 +19,30 @@ import pytest
 import torch
 
 from tests.attention_testing import (
+    FLOOR,
     check_against_reference,
     make_case,
     random_media_mask,
 )
+from tests.devices import ON_CUDA, TEST_DEVICE
 
 triton = pytest.importorskip("triton")
-if not triton.knobs.runtime.interpret:
+if not ON_CUDA and not triton.knobs.runtime.interpret:
     pytest.skip(
         "TRITON_INTERPRET=1 was not set before triton was imported", allow_module_level=True
     )
 
+from vlm_kernels.reference._attention import masked_attention_backward  # noqa: E402
+from vlm_kernels.reference.image_text_attention import (  # noqa: E402
+    image_text_attention_reference,
+    key_visibility,
+)
 from vlm_kernels.triton import image_text_attention as ita  # noqa: E402
+from vlm_kernels.triton._launch import force_triton_config  # noqa: E402
 from vlm_kernels.triton.aot import REGISTRY  # noqa: E402
+
+# The op tests' cases, on the device under test.
+make_case = functools.partial(make_case, device=TEST_DEVICE)
 
 
 @contextlib.contextmanager
@@ -65,8 +79,8 @@ def backward(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_ro
 def _outputs(q):
     batch, query_len, heads_q, _ = q.shape
     with poisoned_allocations():
-        out = torch.empty(q.shape, dtype=q.dtype)
-        lse = torch.empty((batch, heads_q, query_len), dtype=torch.float32)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads_q, query_len), dtype=torch.float32, device=q.device)
     return out, lse
 
 
@@ -198,7 +212,7 @@ def test_fused_qkv_strided_inputs(query_len, dtype):
 
 def test_strided_media_mask():
     attention = make_case(1, 97, 4, 4, 64, 3, 17, mask_kind="random")
-    mask = torch.rand(1, 3, 97) < 0.5  # [B, M, Lq] storage, read as a [B, Lq, M] view
+    mask = torch.rand(1, 3, 97, device=TEST_DEVICE) < 0.5  # [B, M, Lq] storage, as [B, Lq, M]
     mask[:, :, 0] = False
     attention.media_mask = mask.transpose(1, 2)
     assert not attention.media_mask.is_contiguous()
@@ -321,10 +335,10 @@ def test_query_blocks_visit_only_their_chunks(monkeypatch):
 
 
 def test_block_visibility_and_transposed_schedule():
-    mask = random_media_mask(2, 70, 5)
+    mask = random_media_mask(2, 70, 5).to(TEST_DEVICE)
     mask[1, 32:64] = False  # block 1 of batch 1 sees nothing
     visible = ita._block_visibility(mask, 32)
-    padded = torch.zeros(2, 96, 5, dtype=torch.bool)
+    padded = torch.zeros(2, 96, 5, dtype=torch.bool, device=TEST_DEVICE)
     padded[:, :70] = mask
     assert torch.equal(visible, padded.view(2, 3, 32, 5).any(2))
     qb_count, qb_ids = ita.block_chunk_schedule_triton(visible.transpose(1, 2), 1)
@@ -338,9 +352,9 @@ def test_block_visibility_and_transposed_schedule():
 @pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
 @pytest.mark.parametrize("query_len", [97, 3], ids=["prefill", "decode"])
 def test_no_keys(query_len, empty_rows):
-    q = torch.randn(1, query_len, 4, 64)
-    k = v = torch.randn(1, 0, 2, 64)
-    mask = torch.zeros(1, query_len, 0, dtype=torch.bool)
+    q = torch.randn(1, query_len, 4, 64, device=TEST_DEVICE)
+    k = v = torch.randn(1, 0, 2, 64, device=TEST_DEVICE)
+    mask = torch.zeros(1, query_len, 0, dtype=torch.bool, device=TEST_DEVICE)
     out, lse = forward(q, k, v, mask, 17, 0.125, empty_rows)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(lse, torch.full_like(lse, float("-inf")))
@@ -349,9 +363,9 @@ def test_no_keys(query_len, empty_rows):
 
 
 def test_no_queries():
-    q = torch.randn(2, 0, 4, 64)
-    k = v = torch.randn(2, 34, 4, 64)
-    mask = torch.zeros(2, 0, 2, dtype=torch.bool)
+    q = torch.randn(2, 0, 4, 64, device=TEST_DEVICE)
+    k = v = torch.randn(2, 34, 4, 64, device=TEST_DEVICE)
+    mask = torch.zeros(2, 0, 2, dtype=torch.bool, device=TEST_DEVICE)
     out, lse = forward(q, k, v, mask, 17, 0.125, "zero")
     assert out.shape == q.shape and lse.shape == (2, 4, 0)
     dq, dk, dv = backward(out, q, k, v, mask, out, lse, 17, 0.125, "zero")
@@ -360,16 +374,278 @@ def test_no_queries():
 
 
 def test_rejects_what_it_cannot_run():
-    q = torch.randn(1, 4, 2, 64, dtype=torch.float64)
-    mask = torch.ones(1, 4, 1, dtype=torch.bool)
+    q = torch.randn(1, 4, 2, 64, dtype=torch.float64, device=TEST_DEVICE)
+    mask = torch.ones(1, 4, 1, dtype=torch.bool, device=TEST_DEVICE)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         ita.image_text_attention_fwd_triton(q, q, q, mask, 4, 0.125, "zero")
-    q = torch.randn(1, 4, 2, 256)
+    q = torch.randn(1, 4, 2, 256, device=TEST_DEVICE)
     with pytest.raises(ValueError, match="head dim Dh=256"):
         ita.image_text_attention_fwd_triton(q, q, q, mask, 4, 0.125, "zero")
-    q = torch.randn(1, 4, 2, 64)
+    q = torch.randn(1, 4, 2, 64, device=TEST_DEVICE)
     with pytest.raises(ValueError, match="empty_rows"):
         ita.image_text_attention_fwd_triton(q, q, q, mask, 4, 0.125, "ones")
+
+
+# ---- every autotune config -------------------------------------------------------------------------
+
+
+def _width_config_count(width: int) -> int:
+    """The longest config list among the kernels for inputs of ``width`` bytes."""
+    return max(len(configs) for configs in ita._kernel_configs(ita._TILES[width]).values())
+
+
+CONFIG_CASES = [(width, index) for width in (2, 4) for index in range(_width_config_count(width))]
+
+
+@contextlib.contextmanager
+def every_kernel_at_config(width: int, index: int):
+    """Every image_text_attention kernel forced to config #index of its list for ``width`` (a shorter
+    list runs its last config)."""
+    with contextlib.ExitStack() as stack:
+        for name in ita._kernel_configs(ita._TILES[width]):
+            stack.enter_context(force_triton_config(name, index))
+        yield
+
+
+def _check_with_poisoned_chunk(attention, hidden: int, forward_fn, backward_fn=None) -> None:
+    """``attention`` against the reference; then its chunk ``hidden`` (seen by no row) poisoned with
+    NaN in k and v must leave every output bit for bit as it was, and that chunk's dk, dv at 0."""
+    check_against_reference(attention, forward_fn, backward_fn)
+    media_len = attention.media_len
+    keys = slice(hidden * media_len, (hidden + 1) * media_len)
+    poisoned_k, poisoned_v = attention.k.clone(), attention.v.clone()
+    poisoned_k[:, keys] = float("nan")
+    poisoned_v[:, keys] = float("nan")
+    args = (attention.media_mask, media_len, attention.scale, attention.empty_rows)
+    out, lse = forward_fn(attention.q, attention.k, attention.v, *args)
+    out_poisoned, lse_poisoned = forward_fn(attention.q, poisoned_k, poisoned_v, *args)
+    assert torch.equal(out, out_poisoned) and torch.equal(lse, lse_poisoned)
+    if backward_fn is None:
+        return
+    grad_out = torch.randn_like(out)
+    clean = backward_fn(
+        grad_out, attention.q, attention.k, attention.v, args[0], out, lse, *args[1:]
+    )
+    grads = backward_fn(grad_out, attention.q, poisoned_k, poisoned_v, args[0], out, lse, *args[1:])
+    for name, first, second in zip(("dq", "dk", "dv"), clean, grads, strict=True):
+        assert torch.equal(first, second), f"{name} changed with an invisible chunk poisoned"
+    assert not grads[1][:, keys].any() and not grads[2][:, keys].any()
+
+
+@pytest.mark.parametrize(
+    "width, index",
+    CONFIG_CASES,
+    ids=[f"{'fp32' if width == 4 else '16bit'}-config{index}" for width, index in CONFIG_CASES],
+)
+def test_every_config_matches_reference(width, index):
+    """Each kernel at config #index (``force_triton_config``), on cases that put every mask of the
+    kernels to work at every tile size: Lq=150 (a partial query block at BLOCK_M 32/64/128), 37 keys
+    per chunk (a partial key tile at every BLOCK_N), Dh=80 (a partial BLOCK_D), GQA, a row that sees
+    nothing (empty_rows alternates), a chunk no row sees poisoned with NaN ("zero" mode), and the
+    split-KV decode with 9 x 4 rows (row blocks of 32 and 64) over three splits."""
+    dtype = F32 if width == 4 else (BF16, F16)[index % 2]
+    empty_rows = ("zero", "uniform")[index % 2]
+    hidden = 2
+    with every_kernel_at_config(width, index):
+        prefill = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
+        decode = make_case(1, 9, 8, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
+        for attention, forward_fn, backward_fn in (
+            (prefill, forward, backward),
+            (decode, decode_forward(3), None),
+        ):
+            if empty_rows == "uniform":  # an empty row sees every chunk: nothing is hidden
+                check_against_reference(attention, forward_fn, backward_fn)
+                continue
+            attention.media_mask[:, :, hidden] = False
+            _check_with_poisoned_chunk(attention, hidden, forward_fn, backward_fn)
+
+
+# ---- float32 input precision -------------------------------------------------------------------------
+# The interpreter computes every tl.dot in float32 numpy, whatever ``input_precision`` says, so the
+# float32 precision choice (ita._TILES[4]) cannot be seen in the kernels' outputs here. What the choice
+# implies can: the products a tensor core computes for each setting, emulated in torch. "tf32" rounds
+# both operands to TF32 (10 mantissa bits) once; "tf32x3" splits each operand into a TF32 high part and
+# a TF32 low part (the rounding error) and sums the three largest products; "ieee" multiplies in
+# float32 with FMA (what the interpreter does, so the backward's choice is also what the other tests
+# execute). On a GPU the same tests run the real instructions (VLMK_TEST_DEVICE=cuda).
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF  # round to nearest even, 13 bits dropped
+    return bits.view(torch.float32)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    if precision == "ieee":
+        return a @ b
+    a_hi, b_hi = _round_to_tf32(a), _round_to_tf32(b)
+    if precision == "tf32":
+        return a_hi @ b_hi
+    assert precision == "tf32x3", precision
+    a_lo, b_lo = _round_to_tf32(a - a_hi), _round_to_tf32(b - b_hi)
+    return a_hi @ b_lo + a_lo @ b_hi + a_hi @ b_hi
+
+
+def _emulated_attention(q, k, v, visible, grad_out, fwd_precision, bwd_precision):
+    """out and (dq, dk, dv) of softmax(q k^T / sqrt(Dh) | visible) v, [H, L, Dh] operands, with the
+    kernels' dots at the given precisions (softmax, sums and the rest in the operands' dtype)."""
+    scale = q.shape[-1] ** -0.5
+    scores = _matmul(q, k.transpose(-1, -2), fwd_precision) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = _matmul(probs, v, fwd_precision)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    d_scores = probs * (_matmul(grad_out, v.transpose(-1, -2), bwd_precision) - delta)
+    dq = _matmul(d_scores, k, bwd_precision) * scale
+    dk = _matmul(d_scores.transpose(-1, -2), q, bwd_precision) * scale
+    dv = _matmul(probs.transpose(-1, -2), grad_out, bwd_precision)
+    return out, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_float32_dot_precision_choice(head_dim):
+    """The float32 forward needs 3xTF32 and the backward FMA: at Dh=128 one TF32 rounding leaves an
+    error of ~5e-4 (measured: 5.0e-4 to 5.7e-4 on the forward, 40x the float32 bound of DESIGN §6,
+    2 * ~9e-7 + 1e-5), while 3xTF32 and FMA stay at ~1e-6, as float32 torch does."""
+    tiles = ita._TILES[4]
+    assert (tiles.fwd_precision, tiles.bwd_precision) == ("tf32x3", "ieee")
+    heads, query_len, keys = 4, 97, 130
+    q, k, v, grad_out = (
+        torch.randn(heads, n, head_dim) for n in (query_len, keys, keys, query_len)
+    )
+    visible = torch.rand(1, query_len, keys) < 0.5
+    visible[..., 0] = True
+    exact = _emulated_attention(
+        *(t.double() for t in (q, k, v)), visible, grad_out.double(), "ieee", "ieee"
+    )
+    torch_fp32 = _emulated_attention(q, k, v, visible, grad_out, "ieee", "ieee")
+
+    def within_bound(fwd_precision, bwd_precision):
+        ours = _emulated_attention(q, k, v, visible, grad_out, fwd_precision, bwd_precision)
+        verdicts = []
+        for name, x, yardstick, ref in zip(
+            ("out", "dq", "dk", "dv"),
+            (ours[0], *ours[1]),
+            (torch_fp32[0], *torch_fp32[1]),
+            (exact[0], *exact[1]),
+            strict=True,
+        ):
+            err = (x.double() - ref).abs().max().item()
+            bound = 2 * (yardstick.double() - ref).abs().max().item() + FLOOR[torch.float32]
+            verdicts.append((name, err <= bound, err, bound))
+        return verdicts
+
+    chosen = within_bound(tiles.fwd_precision, tiles.bwd_precision)
+    assert all(ok for _, ok, _, _ in chosen), chosen
+    one_pass_forward = within_bound("tf32", tiles.bwd_precision)
+    assert not one_pass_forward[0][1], one_pass_forward  # out: TF32 is not enough
+    one_pass_backward = within_bound(tiles.fwd_precision, "tf32")
+    assert not any(ok for _, ok, _, _ in one_pass_backward[1:]), one_pass_backward
+
+
+# ---- NaN and inf -------------------------------------------------------------------------------------
+# A non-finite input must show in every output the math makes it reach: a query row -> that row's
+# output and gradients (and the dk, dv of the keys it sees); a visible key or value -> the rows that
+# see it. It must not be masked away (a diverging training run would be hidden). The kernels work on
+# tiles, so within a loaded tile a non-finite value can also reach, through 0 * NaN in a tile's dot,
+# rows of the same tile that do not see it (as the dense reference and SDPA's math path reach every
+# row); a chunk no row of a block sees is never loaded and reaches nothing
+# (test_invisible_chunks_are_never_loaded). The test checks both bounds: the "exact" outputs (a
+# reference in which a masked-out term contributes nothing at all, not 0 * x) are non-finite ⊆ ours
+# ⊆ the dense reference's, and in the forward ours equals the exact pattern for q and k.
+
+
+def _exact_matmul(a, b, visible):
+    """a @ b over the visible terms only: visible [..., M, K] masks a [..., M, K]; a non-finite
+    b[j] reaches the rows whose visible terms include j."""
+    b_bad = ~torch.isfinite(b)
+    result = torch.where(visible, a, 0) @ torch.where(b_bad, 0, b)
+    reached = (visible.to(b.dtype) @ b_bad.to(b.dtype)) > 0
+    return torch.where(reached, float("nan"), result)
+
+
+def _exact_attention(q, k, v, key_visible, grad_out, scale):
+    """float64 (out, lse, dq, dk, dv) in which masked terms contribute nothing ([B, L, H, Dh] in)."""
+    group = q.shape[2] // k.shape[2]
+    qh, dout = (x.double().transpose(1, 2) for x in (q, grad_out))
+    kh, vh = (x.double().transpose(1, 2).repeat_interleave(group, 1) for x in (k, v))
+    visible = key_visible[:, None].expand(-1, qh.shape[1], -1, -1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale  # no masking of non-finite values needed
+    scores = torch.where(visible, scores, float("-inf"))
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    empty = ~visible.any(-1, keepdim=True)
+    probs = torch.where(visible, torch.exp(scores - torch.where(empty, 0, lse)), 0)
+    out = _exact_matmul(probs, vh, visible)
+    delta = (dout * out).sum(-1, keepdim=True)
+    dp = dout @ vh.transpose(-1, -2)
+    ds = torch.where(visible, probs * (dp - delta), 0)
+    dq = _exact_matmul(ds, kh, visible) * scale
+    dk = _exact_matmul(ds.transpose(-1, -2), qh, visible.transpose(-1, -2)) * scale
+    dv = _exact_matmul(probs.transpose(-1, -2), dout, visible.transpose(-1, -2))
+    batch, heads_q, keys, head_dim = dk.shape
+
+    def per_kv_head(x):
+        return x.reshape(batch, heads_q // group, group, keys, head_dim).sum(2).transpose(1, 2)
+
+    return out.transpose(1, 2), lse[..., 0], dq.transpose(1, 2), per_kv_head(dk), per_kv_head(dv)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the interpreter's NaN arithmetic
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize(
+    "query_len, dtype",
+    [(97, F32), (97, BF16), (5, F32)],
+    ids=["prefill-fp32", "prefill-bf16", "decode"],
+)
+def test_non_finite_inputs_propagate(where, value, query_len, dtype):
+    attention = make_case(1, query_len, 4, 2, 64, 3, 17, dtype=dtype, mask_kind="random")
+    mask, media_len, scale = attention.media_mask, attention.media_len, attention.scale
+    args = (mask, media_len, scale, "zero")
+    clean_out, _ = forward(attention.q, attention.k, attention.v, *args)
+    inputs = {"q": attention.q.clone(), "k": attention.k.clone(), "v": attention.v.clone()}
+    # The last query row sees every chunk (random_media_mask plants it); key 20 is in chunk 1.
+    row, key, head = query_len - 1, 20, 1
+    if where == "q":
+        inputs["q"][0, row, head, 3] = value
+    else:
+        inputs[where][0, key, head // 2, 3] = value
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    out, lse = forward(q, k, v, *args)
+    grad_out = torch.randn_like(out)
+    grads = backward(grad_out, q, k, v, mask, out, lse, media_len, scale, "zero")
+
+    key_visible = key_visibility(mask, media_len, "zero")
+    exact = _exact_attention(q, k, v, key_visible, grad_out, scale)
+    ref_out, ref_lse = image_text_attention_reference(
+        q.double(), k.double(), v.double(), mask, media_len=media_len, scale=scale, return_lse=True
+    )
+    dense_grads = masked_attention_backward(
+        grad_out.double(), q.double(), k.double(), v.double(), key_visible, ref_out, ref_lse, scale
+    )
+    dense = (ref_out, ref_lse, *dense_grads)
+    assert not torch.isfinite(exact[0]).all(), "the planted value reaches no output: a bad case"
+    for name, ours, lower, upper in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), exact, dense, strict=True
+    ):
+        bad, must, may = (~torch.isfinite(x) for x in (ours, lower, upper))
+        if name == "lse":  # -inf on rows that see nothing, in all three
+            bad, must, may = (
+                x & ~torch.isneginf(y) for x, y in ((bad, lse), (must, lower), (may, upper))
+            )
+        assert (bad | ~must).all(), (
+            f"{name}: a non-finite value was masked away at {(~bad & must).nonzero()[:4].tolist()}"
+        )
+        assert (may | ~bad).all(), f"{name}: non-finite where even the dense reference is finite"
+    if where != "v":  # q, k: a score row stays in its row, so the forward is exact
+        assert torch.equal(~torch.isfinite(out), ~torch.isfinite(exact[0]))
+        # Outputs the planted value does not change (exactly) are those of the clean inputs.
+        clean = _exact_attention(
+            attention.q, attention.k, attention.v, key_visible, grad_out, scale
+        )
+        same = exact[0] == clean[0]
+        assert same.any() and torch.equal(out[same], clean_out[same])
 
 
 # ---- ahead-of-time registration ----------------------------------------------------------------------

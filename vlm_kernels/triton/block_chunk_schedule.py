@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
+from vlm_kernels.triton._launch import declare_configs, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
 
 
@@ -80,8 +80,8 @@ def _block_chunk_schedule_kernel(
         tl.store(ids_base + slot, tl.full((BLOCK_M,), -1, dtype=tl.int32), mask=slot < M)
 
 
-# One config runs under the interpreter (autotune would run every config there); it is also the
-# first GPU config, so the AOT report compiles what the tests execute.
+# The config the interpreter runs unless a test forces another (autotune would run every config
+# there); the first of the GPU list.
 _INTERPRETER_CONFIG = {"BLOCK_Q": 16, "BLOCK_M": 64}
 
 
@@ -103,10 +103,11 @@ def _autotune_configs() -> list[triton.Config]:
     ]
 
 
+_CONFIGS = tuple(_autotune_configs())
+KERNEL_NAME = "block_chunk_schedule"  # for vlm_kernels.triton._launch.force_triton_config
+declare_configs(KERNEL_NAME, _CONFIGS)
 # The schedule of a (M, block_q) shape is the same work whatever Lq and B are.
-_block_chunk_schedule_autotuned = triton.autotune(
-    configs=_autotune_configs(), key=["M", "block_q"]
-)(_block_chunk_schedule_kernel)
+_TUNE_KEY = ("M", "block_q")
 
 
 def block_chunk_schedule_triton(
@@ -139,17 +140,21 @@ def block_chunk_schedule_triton(
         n_qb,
         *mask_u8.stride(),
     )
-    grid = (batch * n_qb,)
-    if isinstance(_block_chunk_schedule_kernel, InterpretedFunction):
-        _block_chunk_schedule_kernel[grid](*args, **_INTERPRETER_CONFIG)
-    elif device.type != "cuda":
+    if device.type != "cuda" and not interpreting(_block_chunk_schedule_kernel):
         raise RuntimeError(
             f"block_chunk_schedule_triton: media_mask is on {device}; the Triton kernel needs a "
             "CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported to run CPU tensors "
             "through the interpreter"
         )
-    else:
-        _block_chunk_schedule_autotuned[grid](*args)
+    grid = (batch * n_qb,)
+    launch(
+        KERNEL_NAME,
+        _block_chunk_schedule_kernel,
+        _CONFIGS,
+        lambda meta: grid,
+        args,
+        tune_key=_TUNE_KEY,
+    )
     return chunk_count, chunk_ids
 
 
@@ -169,5 +174,5 @@ register_aot(
         "stride_mask_q": "i32",
         "stride_mask_m": 1,
     },
-    configs=_autotune_configs(),
+    configs=_CONFIGS,
 )

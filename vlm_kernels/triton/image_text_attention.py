@@ -33,7 +33,14 @@ Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; floa
 float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``). The
 forward and backward are deterministic (no atomics). GPU launches are autotuned over configs that
 ``python -m vlm_kernels.tools.gpu_report`` compiles for sm_80 and sm_90a with zero spills (registered
-at the bottom); under TRITON_INTERPRET=1 each kernel runs the first config of its list.
+at the bottom); under TRITON_INTERPRET=1 each kernel runs the first config of its list. Launches go
+through ``vlm_kernels.triton._launch``: ``force_triton_config(name, i)`` runs config i instead (the
+names are the keys of ``_kernel_configs``).
+
+NaN and inf in q, k, v are never masked away: a non-finite query row gives a non-finite output row
+(and gradients), a non-finite visible key or value reaches the rows that see it. Masking is per tile,
+so inside a loaded tile such a value may also reach rows of the tile that do not see its chunk
+(0 * NaN in a dot); a chunk that no row of a query block sees is never loaded and reaches nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
+from vlm_kernels.triton._launch import declare_configs, forced_config, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
 from vlm_kernels.triton.block_chunk_schedule import block_chunk_schedule_triton
 
@@ -695,19 +702,25 @@ def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
 
 
 # Configs by the block size that fixes the schedule. Under the interpreter each kernel runs the first
-# config of its list (autotune would benchmark them all there), so the compile report checks what the
-# tests execute. Every config compiles with zero spills on sm_80 and sm_90a at Dh=128 (registered
-# below); shapes that spilled were dropped. 16-bit: the forward at BLOCK_M=128/BLOCK_N=32 with 4 warps,
-# decode BLOCK_N>=64 with 4 warps, dk/dv BLOCK_N=64 with 4 warps and BLOCK_N=128. float32: every
-# 16-bit shape (3xTF32: 100 B to 24 KB of spills), and the forward's 32x32 tile at 4 warps (Dh=80).
+# config of its list unless a test forces another (force_triton_config; the tests walk every config).
+# Every config compiles with zero spills on sm_80 and sm_90a at Dh=128 (and the first at Dh 64/80/96;
+# registered below) under both Triton versions we meet: 3.8 (our pin) and 3.6 (the lent GPU machine's),
+# so one list serves both. Shapes that spilled were dropped. 16-bit: the forward at BLOCK_M=128/
+# BLOCK_N=32 with 4 warps, decode BLOCK_N>=64 with 4 warps, dk/dv BLOCK_N=64 with 4 warps and
+# BLOCK_N=128. float32: every 16-bit shape (3xTF32: 100 B to 24 KB of spills), and the forward's 32x32
+# tile at 4 warps (Dh=80). Triton 3.6 (its ptxas figures, 255 registers each): the float32 forward's
+# (32, 8, 2) spilled 44-48 B at Dh 80/96 and (16, 4, 1) 8 B at Dh=128; the float32 decode's (16, 4, 2)
+# 8-56 B at Dh 80/96/128; the 16-bit decode's (128, 8, 2) 60 B on sm_80 at Dh=128. Their one-stage
+# versions, (32, 8, 1), (16, 8, 1), (16, 8, 1) and (128, 8, 1), compile at 0 B under 3.6 and 3.8 at
+# Dh 64/80/96/128 (the float32 tiles at 240-255 registers: no room to spare).
 _FWD_CONFIGS = {
-    32: _configs((32, 8, 2), (16, 4, 1), BLOCK_M=32),
+    32: _configs((32, 8, 1), (16, 8, 1), BLOCK_M=32),
     64: _configs((32, 4, 3), (64, 4, 2), (64, 4, 3), (32, 4, 4), BLOCK_M=64),
     128: _configs((64, 8, 2), (64, 8, 3), (32, 8, 3), BLOCK_M=128),
 }
 _DECODE_CONFIGS = {  # by the tiles' decode_max_rows
-    32: _configs((16, 4, 2)),
-    64: _configs((32, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 2)),
+    32: _configs((16, 8, 1)),
+    64: _configs((32, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 1)),
 }
 _DKDV_CONFIGS = {
     16: _configs((32, 4, 2), BLOCK_M=16),
@@ -726,26 +739,36 @@ _PREPROCESS_CONFIGS = (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
 _TUNE_KEY = ("media_len", "M", "HEAD_DIM", "INPUT_PRECISION")
 
 
-@functools.cache
-def _autotuner(kernel, configs: tuple[triton.Config, ...], key: tuple[str, ...]):
-    return triton.autotune(configs=list(configs), key=list(key))(kernel)
+def _kernel_configs(tiles: _Tiles) -> dict[str, tuple[triton.Config, ...]]:
+    """Per kernel name, the config list its launcher uses for inputs of ``tiles``' width: the lists
+    ``force_triton_config`` indexes, the autotuner searches and the compile report compiles. The
+    forward's list holds every query block size of the width; the launcher autotunes within the
+    block size its heuristic picks (a forced config brings its own)."""
+    return {
+        "image_text_attention_fwd": tuple(
+            config for block_m in tiles.fwd_block_m for config in _FWD_CONFIGS[block_m]
+        ),
+        "image_text_attention_decode_split": _DECODE_CONFIGS[tiles.decode_max_rows],
+        "image_text_attention_decode_combine": _COMBINE_CONFIGS,
+        "image_text_attention_bwd_preprocess": _PREPROCESS_CONFIGS,
+        "image_text_attention_bwd_dkdv": _DKDV_CONFIGS[tiles.dkdv_block_m],
+        "image_text_attention_bwd_dq": _DQ_CONFIGS[tiles.dq_block_m],
+    }
+
+
+for _name in _kernel_configs(_TILES[2]):
+    declare_configs(_name, *(_kernel_configs(tiles)[_name] for tiles in _TILES.values()))
 
 
 # ---- launchers ---------------------------------------------------------------------------------------
 
 
 def _interpreting() -> bool:
-    return isinstance(_fwd_kernel, InterpretedFunction)
+    return interpreting(_fwd_kernel)
 
 
-def _launch(kernel, configs, grid, args, *, tune_key=_TUNE_KEY, **constexprs) -> None:
-    """Runs ``kernel`` on ``configs[0]`` under TRITON_INTERPRET=1, else autotuned over ``configs``
-    (a single config is not benchmarked). ``grid(meta)`` sees the running config's constexprs."""
-    if _interpreting():
-        meta = {**constexprs, **configs[0].kwargs}
-        kernel[grid(meta)](*args, **meta)
-    else:
-        _autotuner(kernel, configs, tune_key)[grid](*args, **constexprs)
+def _launch(name: str, kernel, tiles: _Tiles, grid, args, *, tune_key=_TUNE_KEY, **kw) -> None:
+    launch(name, kernel, _kernel_configs(tiles)[name], grid, args, tune_key=tune_key, **kw)
 
 
 def _check_runnable(q: torch.Tensor, empty_rows: str) -> None:
@@ -840,7 +863,11 @@ def _prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse
     batch, query_len, heads_q, head_dim = q.shape
     heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
     mask = _effective_mask(media_mask, empty_rows)
-    block_m = _prefill_block_m(q)
+    tiles = _tiles(q.dtype)
+    configs = _kernel_configs(tiles)["image_text_attention_fwd"]
+    forced = forced_config("image_text_attention_fwd", configs)
+    # The schedule is built for the query block of the config that will run.
+    block_m = forced.kwargs["BLOCK_M"] if forced is not None else _prefill_block_m(q)
     n_qb = triton.cdiv(query_len, block_m)
     chunk_count, chunk_ids = block_chunk_schedule_triton(mask, block_m)
     mask_u8, mask_strides = _mask_args(mask)
@@ -866,12 +893,15 @@ def _prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse
         *mask_strides,
         *out.stride()[:3],
     )
-    _launch(
+    launch(
+        "image_text_attention_fwd",
         _fwd_kernel,
-        _FWD_CONFIGS[block_m],
+        configs,
         lambda meta: (n_qb, batch * heads_q),
         args,
-        INPUT_PRECISION=_tiles(q.dtype).fwd_precision,
+        tune_key=_TUNE_KEY,
+        tune_configs=_FWD_CONFIGS[block_m],
+        INPUT_PRECISION=tiles.fwd_precision,
         **_head_dim_meta(head_dim),
     )
 
@@ -932,8 +962,9 @@ def _decode_forward(
         *mask_strides,
     )
     _launch(
+        "image_text_attention_decode_split",
         _decode_split_kernel,
-        _DECODE_CONFIGS[tiles.decode_max_rows],
+        tiles,
         lambda meta: (num_splits, programs),
         args,
         tune_key=(*_TUNE_KEY, "BLOCK_R"),
@@ -956,8 +987,9 @@ def _decode_forward(
         *out.stride()[:3],
     )
     _launch(
+        "image_text_attention_decode_combine",
         _decode_combine_kernel,
-        _COMBINE_CONFIGS,
+        tiles,
         lambda meta: (programs, block_r // meta["COMBINE_R"]),
         combine_args,
         BLOCK_R=block_r,
@@ -1008,8 +1040,9 @@ def image_text_attention_bwd_triton(
 
     delta = torch.empty((batch, heads_q, query_len), dtype=torch.float32, device=q.device)
     _launch(
+        "image_text_attention_bwd_preprocess",
         _bwd_preprocess_kernel,
-        _PREPROCESS_CONFIGS,
+        tiles,
         lambda meta: (triton.cdiv(query_len, meta["BLOCK_M"]), batch * heads_q),
         (out, grad_out, delta, query_len, heads_q, *out.stride()[:3], *grad_out.stride()[:3]),
         **head_meta,
@@ -1048,8 +1081,9 @@ def image_text_attention_bwd_triton(
         *dk.stride()[:3],
     )
     _launch(
+        "image_text_attention_bwd_dkdv",
         _bwd_dkdv_kernel,
-        _DKDV_CONFIGS[tiles.dkdv_block_m],
+        tiles,
         lambda meta: (num_chunks * triton.cdiv(media_len, meta["BLOCK_N"]), batch * heads_kv),
         dkdv_args,
         INPUT_PRECISION=tiles.bwd_precision,
@@ -1080,8 +1114,9 @@ def image_text_attention_bwd_triton(
         *dq.stride()[:3],
     )
     _launch(
+        "image_text_attention_bwd_dq",
         _bwd_dq_kernel,
-        _DQ_CONFIGS[tiles.dq_block_m],
+        tiles,
         lambda meta: (n_qb_dq, batch * heads_q),
         dq_args,
         INPUT_PRECISION=tiles.bwd_precision,
@@ -1122,12 +1157,12 @@ def _aot_signature(
     return {name: spec for name, spec in signature.items() if name in params}
 
 
-def _register(name: str, kernel, configs_for, signature_for, **constexprs_for) -> None:
-    """Registers ``kernel`` per element type: ``configs_for(tiles)``, ``signature_for(dtype)`` and
-    each ``constexprs_for[key](tiles)``."""
+def _register(name: str, kernel, signature_for, **constexprs_for) -> None:
+    """Registers ``kernel`` per element type: the width's config list (``_kernel_configs``),
+    ``signature_for(dtype)`` and each ``constexprs_for[key](tiles)``."""
     for dtype, width in _AOT_WIDTHS.items():
         tiles = _TILES[width]
-        configs = configs_for(tiles)
+        configs = _kernel_configs(tiles)[name]
         constexprs = {key: value(tiles) for key, value in constexprs_for.items()}
         variants = [(128, configs)]
         variants += [(dim, configs[:1]) for dim in _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]]
@@ -1144,7 +1179,6 @@ def _register(name: str, kernel, configs_for, signature_for, **constexprs_for) -
 _register(
     "image_text_attention_fwd",
     _fwd_kernel,
-    lambda tiles: [config for block_m in tiles.fwd_block_m for config in _FWD_CONFIGS[block_m]],
     lambda dtype: _aot_signature(
         _fwd_kernel,
         dtype,
@@ -1159,7 +1193,6 @@ _register(
 _register(
     "image_text_attention_decode_split",
     _decode_split_kernel,
-    lambda tiles: _DECODE_CONFIGS[tiles.decode_max_rows],
     lambda dtype: _aot_signature(
         _decode_split_kernel,
         dtype,
@@ -1175,7 +1208,6 @@ _register(
 _register(
     "image_text_attention_decode_combine",
     _decode_combine_kernel,
-    lambda tiles: _COMBINE_CONFIGS,
     lambda dtype: _aot_signature(
         _decode_combine_kernel,
         dtype,
@@ -1189,7 +1221,6 @@ _register(
 _register(
     "image_text_attention_bwd_preprocess",
     _bwd_preprocess_kernel,
-    lambda tiles: _PREPROCESS_CONFIGS,
     lambda dtype: _aot_signature(
         _bwd_preprocess_kernel,
         dtype,
@@ -1202,7 +1233,6 @@ _register(
 _register(
     "image_text_attention_bwd_dkdv",
     _bwd_dkdv_kernel,
-    lambda tiles: _DKDV_CONFIGS[tiles.dkdv_block_m],
     lambda dtype: _aot_signature(
         _bwd_dkdv_kernel,
         dtype,
@@ -1217,7 +1247,6 @@ _register(
 _register(
     "image_text_attention_bwd_dq",
     _bwd_dq_kernel,
-    lambda tiles: _DQ_CONFIGS[tiles.dq_block_m],
     lambda dtype: _aot_signature(
         _bwd_dq_kernel,
         dtype,

@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 # pytest workers: the interpreter/emulator cases are CPU-bound, one worker per core.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test build lint format ctest gpu-report pytest cpu-only-build bench clean
+.PHONY: demo test build lint format ctest gpu-report gpu-check pytest cpu-only-build bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ ctest: $(STAMP)
 # fails on a compile error, a register spill or too much shared memory.
 gpu-report: build
 	$(PY) -m vlm_kernels.tools.gpu_report --json build/gpu_report.json
+
+# On a machine with a CUDA GPU whose Python already has torch >= 2.11 and triton >= 3.6 (no .venv, no
+# network): build for the local arch, run the tests on the GPU, every Triton config, the benchmarks;
+# report in $(GPU_CHECK_OUT) (the device tool's $$OUT when set). `--dry-run` of the same is in pytest.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),build/gpu-check)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m vlm_kernels.tools.gpu_check --out $(GPU_CHECK_OUT)
 
 pytest: build
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

@@ -10,6 +10,9 @@ Peers (each returns [B, Lq, Hq, Dh] with the empty_rows="zero" semantics of the 
              afterwards, as MllamaCrossAttentionDecoderLayer does with full_text_row_masked_out_mask.
   flex       torch.compile(flex_attention) with a BlockMask built by create_block_mask from the same
              mask (blocks no query of a tile can see are skipped).
+  sdpa_nomask  F.scaled_dot_product_attention with no mask (FlashAttention-2-class kernel on a GPU);
+             only for masks where every token sees every image (the "all" variant): the ceiling a
+             dense flash kernel sets when nothing can be skipped.
   sdpa_runs  one SDPA call per run of identical mask rows, over only the keys that run can see
              (skips work exactly; Python-loop cost grows with the number of runs, e.g. random masks).
 Mask preprocessing (dense mask, additive mask, block mask, run plan) is done once per case in
@@ -175,6 +178,21 @@ def prepare_sdpa(inputs: Inputs):
     return run
 
 
+def prepare_sdpa_nomask(inputs: Inputs):
+    q, k, v, media_mask = (inputs.tensors[n] for n in ("q", "k", "v", "media_mask"))
+    if not bool(media_mask.all()):
+        raise ProviderUnavailable(
+            "SDPA without a mask only matches masks where every token sees all"
+        )
+
+    def run():
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+        ).transpose(1, 2)
+
+    return run
+
+
 def prepare_eager(inputs: Inputs):
     q, k, v, media_mask = (inputs.tensors[n] for n in ("q", "k", "v", "media_mask"))
     n_rep = q.shape[2] // k.shape[2]
@@ -316,6 +334,11 @@ SPEC = OpSpec(
     flops=flops,
     peers=(
         Peer("sdpa", "F.scaled_dot_product_attention, dense bool mask, enable_gqa", prepare_sdpa),
+        Peer(
+            "sdpa_nomask",
+            "F.scaled_dot_product_attention, no mask (flash); all-visible masks only",
+            prepare_sdpa_nomask,
+        ),
         Peer(
             "eager",
             "HF Mllama eager: repeat_kv, matmul, finfo.min mask, fp32 softmax",

@@ -1,0 +1,78 @@
+"""``python -m vlm_kernels.tools.gpu_check --dry-run``: the GPU check's plumbing, run on this CPU (the
+Triton interpreter and the SIMT emulator, tiny shapes), so the script a borrowed GPU runs cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.devices import cpu_only
+from vlm_kernels.tools import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@cpu_only
+def test_dry_run_writes_the_report(tmp_path):
+    out = tmp_path / "gpu-check"
+    run = subprocess.run(
+        [sys.executable, "-m", "vlm_kernels.tools.gpu_check", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "torch" in run.stdout and "triton" in run.stdout  # the versions it ran on
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files  # what the device tool brings back
+    assert all(len(p.relative_to(out).parts) <= 2 for p in files), files
+    figures = json.loads((out / "figures.json").read_text())
+    stages = {s["name"]: s for s in figures["stages"]}
+    assert set(stages) == {"build", "pytest", "configs", "bench"}
+    assert all(s["status"] == "ok" for s in stages.values()), stages
+    assert stages["pytest"]["figures"]["passed"] > 0
+    kernels = stages["configs"]["figures"]["kernels"]
+    ran = {(c["kernel"], c["config"]) for c in stages["configs"]["figures"]["cases"]}
+    assert ran == {
+        (k, i) for k, n in kernels.items() for i in range(n)
+    }  # every config of every kernel
+    report = (out / "report.md").read_text()
+    assert "| configs | ok |" in report and "sdpa_nomask" in report
+
+
+@cpu_only
+def test_config_sweep_reports_a_wrong_kernel(tmp_path, monkeypatch):
+    """A kernel off by a 5% softmax scale fails the sweep, naming kernel, config and case."""
+    from vlm_kernels.triton import image_text_attention as ita
+
+    original = ita.image_text_attention_fwd_triton
+
+    def off_by_five_percent(q, k, v, media_mask, media_len, scale, empty_rows):
+        return original(q, k, v, media_mask, media_len, scale * 1.05, empty_rows)
+
+    monkeypatch.setattr(ita, "image_text_attention_fwd_triton", off_by_five_percent)
+    monkeypatch.setattr(gpu_check, "triton_config_counts", lambda: {"image_text_attention_fwd": 1})
+    result = gpu_check.StageResult("configs")
+    gpu_check.stage_configs(result, tmp_path, budget_s=60, dry_run=True)
+    assert result.status == "failed", result.summary
+    failed = [c for c in result.figures["cases"] if c["status"] != "ok"]
+    assert failed and all(c["kernel"] for c in failed)
+    assert "error" in failed[0]["detail"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_every_config_case_is_well_formed(dry_run):
+    for index in range(8):
+        small, large = gpu_check.config_cases(dry_run, index)
+        for case in small + large:
+            assert case.heads_q % case.heads_kv == 0 and case.chunks >= 2
+    if not dry_run:  # the GPU sweep covers each dtype at each head dim over 4 configs
+        covered = {
+            (c.dtype, c.head_dim) for i in range(4) for c in gpu_check.config_cases(False, i)[0]
+        }
+        assert covered == {
+            (d, h) for d in ("float32", "bfloat16", "float16") for h in (64, 80, 96, 128)
+        }

@@ -6,7 +6,8 @@
 // its warp, the per-warp totals in shared memory give each warp its offset, and a running offset
 // carries across tiles of kThreads chunks. The same source is compiled by nvcc (namespace
 // vlmk::cuda) and, with VLMK_SIMT, as host C++ through the SIMT emulator (namespace vlmk::sim) for
-// the cuda_sim backend.
+// the cuda_sim backend; shared memory goes through ld_shared / st_shared so that the emulator's
+// race checker sees it.
 #include "common/cuda_compat.cuh"
 #include "cuda/block_chunk_schedule.h"
 
@@ -25,8 +26,8 @@ constexpr int kWarps = kThreads / 32;
 
 __global__ void __launch_bounds__(kThreads)
     block_chunk_schedule_kernel(const BlockChunkScheduleParams p) {
-  __shared__ int32_t warp_visible[kWarps];  // visible chunks per warp in the current tile
-  __shared__ int32_t tile_offset;           // visible chunks found in earlier tiles
+  VLMK_SHARED(int32_t[kWarps], warp_visible);  // visible chunks per warp in the current tile
+  VLMK_SHARED(int32_t, tile_offset);           // visible chunks found in earlier tiles
 
   const int64_t batch_index = blockIdx.x / p.num_query_blocks;
   const int64_t query_block = blockIdx.x % p.num_query_blocks;
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
 
-  if (threadIdx.x == 0) tile_offset = 0;
+  if (threadIdx.x == 0) st_shared(&tile_offset, 0);
   __syncthreads();
 
   for (int64_t tile = 0; tile < p.num_chunks; tile += kThreads) {
@@ -49,25 +50,26 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, visible);
-    if (lane == 0) warp_visible[warp] = __popc(ballot);
+    if (lane == 0) st_shared(&warp_visible[warp], __popc(ballot));
     __syncthreads();  // warp_visible complete
 
     int32_t before_my_warp = 0;
     int32_t in_tile = 0;
     for (int w = 0; w < kWarps; ++w) {
-      before_my_warp += w < warp ? warp_visible[w] : 0;
-      in_tile += warp_visible[w];
+      const int32_t visible_in_w = ld_shared(&warp_visible[w]);
+      before_my_warp += w < warp ? visible_in_w : 0;
+      in_tile += visible_in_w;
     }
     if (visible) {
       const int32_t rank_in_warp = __popc(ballot & ((1u << lane) - 1u));
-      ids[tile_offset + before_my_warp + rank_in_warp] = static_cast<int32_t>(chunk);
+      ids[ld_shared(&tile_offset) + before_my_warp + rank_in_warp] = static_cast<int32_t>(chunk);
     }
     __syncthreads();  // everyone has read tile_offset and warp_visible before they change
-    if (threadIdx.x == 0) tile_offset += in_tile;
+    if (threadIdx.x == 0) st_shared(&tile_offset, ld_shared(&tile_offset) + in_tile);
     __syncthreads();
   }
 
-  const int32_t count = tile_offset;
+  const int32_t count = ld_shared(&tile_offset);
   for (int64_t chunk = count + threadIdx.x; chunk < p.num_chunks; chunk += kThreads)
     ids[chunk] = -1;
   if (threadIdx.x == 0) p.chunk_count[blockIdx.x] = count;

@@ -22,7 +22,8 @@
 //   combine: one warp per query row merges the splits' partials (flash-decoding).
 // The same source is compiled by nvcc (namespace vlmk::cuda) and, with VLMK_SIMT, as host C++ run
 // by the SIMT emulator (namespace vlmk::sim, the cuda_sim backend). No tensor cores: a SIMT FMA
-// path that the emulator runs as is.
+// path that the emulator runs as is. Shared memory is read and written through ld_shared /
+// st_shared (plain accesses under nvcc) so that the emulator's race checker sees every access.
 #include "common/cuda_compat.cuh"
 #include "cuda/image_text_attention.h"
 
@@ -169,8 +170,9 @@ __device__ __forceinline__ void stage_vector(float* dst, const T* src, bool vali
   }
 #pragma unroll
   for (int i = 0; i < kVec; i += 4) {
-    *reinterpret_cast<float4*>(dst + i) = make_float4(x[i] * multiplier, x[i + 1] * multiplier,
-                                                      x[i + 2] * multiplier, x[i + 3] * multiplier);
+    st_shared(reinterpret_cast<float4*>(dst + i),
+              make_float4(x[i] * multiplier, x[i + 1] * multiplier, x[i + 2] * multiplier,
+                          x[i + 3] * multiplier));
   }
 }
 
@@ -201,7 +203,8 @@ struct alignas(16) SharedStorage {
 // All threads read the same shared words, so every thread finds the same runs.
 __device__ __forceinline__ int next_bit(const unsigned* words, int pos, bool set) {
   for (int w = pos >> 5; w < kWarps; ++w) {
-    unsigned word = set ? words[w] : ~words[w];
+    const unsigned bits = ld_shared(&words[w]);
+    unsigned word = set ? bits : ~bits;
     if (w == (pos >> 5)) word &= kFullMask << (pos & 31);
     if (word != 0u) return w * 32 + __ffs(static_cast<int>(word)) - 1;
   }
@@ -296,12 +299,12 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
       const bool visible =
           in_range && mask[r * p.mask_stride_query + chunk * p.mask_stride_chunk] != 0;
       const unsigned bits = __ballot_sync(kFullMask, visible);
-      if (lane == 0) sm.row_bits[r][warp] = bits;
+      if (lane == 0) st_shared(&sm.row_bits[r][warp], bits);
       any_row = any_row || visible;
     }
     if (empty_rows != 0u) any_row = in_range;  // a row that sees nothing attends to every key
     const unsigned union_bits = __ballot_sync(kFullMask, any_row);
-    if (lane == 0) sm.union_bits[warp] = union_bits;
+    if (lane == 0) st_shared(&sm.union_bits[warp], union_bits);
     __syncthreads();  // row_bits and union_bits complete
 
     for (int run = next_bit(sm.union_bits, 0, true); run < kWindow;) {
@@ -331,10 +334,11 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
         for (int i = 0; i < kRowsPerWarp; ++i) score[i] = 0.0f;
 #pragma unroll 2
         for (int d = 0; d < kHeadDim; d += 4) {
-          const float4 kx = *reinterpret_cast<const float4*>(&sm.k[lane][d]);
+          const float4 kx = ld_shared(reinterpret_cast<const float4*>(&sm.k[lane][d]));
 #pragma unroll
           for (int i = 0; i < kRowsPerWarp; ++i) {
-            const float4 qx = *reinterpret_cast<const float4*>(&sm.q[warp * kRowsPerWarp + i][d]);
+            const float4 qx =
+                ld_shared(reinterpret_cast<const float4*>(&sm.q[warp * kRowsPerWarp + i][d]));
             score[i] = fmaf(qx.x, kx.x, score[i]);
             score[i] = fmaf(qx.y, kx.y, score[i]);
             score[i] = fmaf(qx.z, kx.z, score[i]);
@@ -350,7 +354,7 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
           const int r = row_local[i];
           const bool visible = key_in && slot_valid[i] &&
                                (((empty_rows >> r) & 1u) != 0u ||
-                                ((sm.row_bits[r][bit >> 5] >> (bit & 31)) & 1u) != 0u);
+                                ((ld_shared(&sm.row_bits[r][bit >> 5]) >> (bit & 31)) & 1u) != 0u);
           const float s = visible ? score[i] : -INFINITY;
           const float new_max = fmaxf(row_max[i], warp_max(s));
           const float safe_max = new_max == -INFINITY ? 0.0f : new_max;  // no (-inf) - (-inf)
@@ -360,7 +364,7 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
           row_sum[i] = row_sum[i] * rescale + prob;
 #pragma unroll
           for (int c = 0; c < kColsPerLane; ++c) acc[i][c] *= rescale;
-          sm.p[warp][i][lane] = prob;
+          st_shared(&sm.p[warp][i][lane], prob);
         }
         __syncwarp();  // the warp's probabilities are visible to all its lanes
 
@@ -370,14 +374,14 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
           float4 prob[kRowsPerWarp];
 #pragma unroll
           for (int i = 0; i < kRowsPerWarp; ++i) {
-            prob[i] = *reinterpret_cast<const float4*>(&sm.p[warp][i][n]);
+            prob[i] = ld_shared(reinterpret_cast<const float4*>(&sm.p[warp][i][n]));
           }
 #pragma unroll
           for (int c = 0; c < kColsPerLane; ++c) {
             const int col = c * 32 + lane;
             if (kHeadDim % 32 == 0 || col < kHeadDim) {
-              const float v0 = sm.v[n][col], v1 = sm.v[n + 1][col];
-              const float v2 = sm.v[n + 2][col], v3 = sm.v[n + 3][col];
+              const float v0 = ld_shared(&sm.v[n][col]), v1 = ld_shared(&sm.v[n + 1][col]);
+              const float v2 = ld_shared(&sm.v[n + 2][col]), v3 = ld_shared(&sm.v[n + 3][col]);
 #pragma unroll
               for (int i = 0; i < kRowsPerWarp; ++i) {
                 acc[i][c] = fmaf(prob[i].x, v0, acc[i][c]);
@@ -431,7 +435,7 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     image_text_attention_prefill_kernel(const __grid_constant__ Params p, const bool vector_loads) {
-  __shared__ SharedStorage<kHeadDim> smem;
+  VLMK_SHARED(SharedStorage<kHeadDim>, smem);
   attend_slot_tile<T, kHeadDim>(p, smem, vector_loads, blockIdx.z, blockIdx.y, blockIdx.x * kSlots,
                                 0, static_cast<int>(p.key_len), -1);
 }
@@ -439,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     image_text_attention_decode_kernel(const __grid_constant__ Params p, const bool vector_loads) {
-  __shared__ SharedStorage<kHeadDim> smem;
+  VLMK_SHARED(SharedStorage<kHeadDim>, smem);
   const int split = blockIdx.x;
   const int key_begin = split * static_cast<int>(p.split_len);
   const int key_end = min(key_begin + static_cast<int>(p.split_len), static_cast<int>(p.key_len));

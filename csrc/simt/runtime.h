@@ -21,6 +21,16 @@
 //   lanes named in the mask that exist and have not exited; the lane that completes the group
 //   computes every lane's result. Reading a lane that does not take part gives 0xff bytes
 //   (NaN for floats), where hardware gives an undefined value.
+// - Shared memory is one arena per block: the dynamic part at offset 0, the static variables
+//   (VLMK_SHARED) after it. Both are filled with 0xff bytes before the block first sees them, so
+//   an uninitialised read gives NaN (float, half, bf16) or -1, never a plausible leftover.
+// - SIMT_RACECHECK=1 checks every shared-memory load and store made through simt::shared_load /
+//   shared_store (vlmk::ld_shared / st_shared in kernel code): per byte it keeps the last write
+//   and the last reads (thread, sync stamp, source line) and reports a write-read, read-write or
+//   write-write by two different threads with no synchronization between them. A __syncthreads
+//   orders every pair of threads; a completed warp collective (__syncwarp, shuffles, votes, ...)
+//   orders the pairs of lanes that took part in it. Atomics are not checked (they do not race by
+//   definition). A race fails the launch like a deadlock does.
 #pragma once
 
 #include <algorithm>
@@ -67,8 +77,8 @@ enum class Schedule {
 };
 
 // Emulator settings. Defaults come from the environment once per process: SIMT_NUM_THREADS,
-// SIMT_STACK_KB, SIMT_SCHEDULE, SIMT_SEED, SIMT_NUM_SMS. Each launch copies the settings, so
-// set_config() affects the launches that start after it.
+// SIMT_STACK_KB, SIMT_SCHEDULE, SIMT_SEED, SIMT_NUM_SMS, SIMT_RACECHECK. Each launch copies the
+// settings, so set_config() affects the launches that start after it.
 struct Config {
   int num_threads = 1;             // OS threads running the blocks of one launch (>= 1)
   size_t stack_bytes = 256 << 10;  // stack per emulated CUDA thread (virtual; pages on demand)
@@ -79,7 +89,11 @@ struct Config {
   // 48 KB unless the kernel raised its limit with cudaFuncSetAttribute.
   size_t max_dynamic_smem = 232448;
   size_t default_dynamic_smem = 49152;
+  bool racecheck = false;  // check shared-memory accesses for races (SIMT_RACECHECK=1)
 };
+
+// Static shared memory per block (CUDA's limit for __shared__ variables).
+constexpr size_t kMaxStaticSharedBytes = 48 << 10;
 
 namespace detail {
 
@@ -103,6 +117,7 @@ inline Config config_from_env() {
   c.schedule = parse_schedule(std::getenv("SIMT_SCHEDULE"));
   if (const char* v = std::getenv("SIMT_SEED")) c.seed = std::strtoull(v, nullptr, 10);
   if (const char* v = std::getenv("SIMT_NUM_SMS")) c.num_sms = std::max(1, std::atoi(v));
+  if (const char* v = std::getenv("SIMT_RACECHECK")) c.racecheck = std::atoi(v) != 0;
   return c;
 }
 
@@ -352,6 +367,8 @@ class BlockRunner {
     error_ = cudaSuccess;
     message_.clear();
     prepare_shared_memory(launch.smem_bytes);
+    racecheck_ = launch.config.racecheck;
+    if (racecheck_) prepare_racecheck();
 
     const Schedule s = launch.config.schedule;
     reverse_ = s == Schedule::kReverse || (s == Schedule::kAlternate && (block_linear & 1));
@@ -389,6 +406,77 @@ class BlockRunner {
   Fiber* current() const { return current_; }
   unsigned char* shared_memory() const { return smem_; }
   size_t shared_memory_bytes() const { return smem_bytes_; }
+  bool racecheck() const { return racecheck_; }
+
+  // The block's instance of the static shared variable identified by `key` (one per
+  // declaration): the first thread to reach the declaration places it after the dynamic shared
+  // memory and poisons it; every thread of the block gets the same address.
+  void* static_shared(const void* key, size_t bytes, size_t align, const char* name) {
+    for (const StaticShared& v : static_vars_) {
+      if (v.key == key) return smem_ + v.offset;
+    }
+    const size_t offset = (static_base_ + static_used_ + align - 1) / align * align;
+    if (offset + bytes > static_base_ + kMaxStaticSharedBytes) {
+      fail(cudaErrorInvalidValue,
+           cat("static shared memory: '", name, "' (", bytes, " bytes) does not fit in the ",
+               kMaxStaticSharedBytes, " bytes of static shared memory a block can have"));
+      leave();
+    }
+    static_vars_.push_back({key, offset, bytes, name});
+    static_used_ = offset + bytes - static_base_;
+    std::memset(smem_ + offset, 0xff, bytes);  // poison
+    if (racecheck_) clear_shadow(offset, bytes);
+    return smem_ + offset;
+  }
+
+  // Race check of one shared-memory access of `bytes` bytes at `p` by the running thread
+  // (SIMT_RACECHECK=1). Addresses outside the block's shared arena (global memory, a plain
+  // `__shared__` thread_local) are not shared memory of this block and are ignored.
+  void shared_access(const void* p, size_t bytes, bool write, const char* file, int line) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t base = reinterpret_cast<uintptr_t>(smem_);
+    if (a < base || a >= base + smem_capacity_) return;
+    const size_t offset = a - base;
+    const bool in_dynamic = offset + bytes <= smem_bytes_;
+    const bool in_static = offset >= static_base_ && offset + bytes <= static_base_ + static_used_;
+    Fiber* f = current_;
+    if (!in_dynamic && !in_static) {
+      fail(cudaErrorIllegalAddress,
+           cat(thread_string(*f), write ? " writes " : " reads ", bytes,
+               " byte(s) of shared memory out of bounds at offset ", offset, " (", smem_bytes_,
+               " bytes of dynamic shared memory, static variables at ", static_base_, "..",
+               static_base_ + static_used_, ") at ", file, ":", line));
+      leave();
+    }
+    const Access now{stamp_, uint16_t(f->linear), intern_site(file, line)};
+    for (size_t i = 0; i < bytes; ++i) {
+      ShadowByte& s = shadow_[offset + i];
+      const Access* other = nullptr;
+      const char* kind = nullptr;
+      if (conflicts(s.write, now)) {
+        other = &s.write;
+        kind = write ? "write-write" : "write-read";
+      } else if (write && conflicts(s.read, now)) {
+        other = &s.read;
+        kind = "read-write";
+      } else if (write && conflicts(s.read_other, now)) {
+        other = &s.read_other;
+        kind = "read-write";
+      }
+      if (other != nullptr) {
+        fail(cudaErrorLaunchFailure, race_message(kind, offset + i, *other, now));
+        leave();
+      }
+      if (write) {
+        s.write = now;
+      } else if (s.read.tid == now.tid) {
+        s.read = now;
+      } else {
+        s.read_other = s.read;
+        s.read = now;
+      }
+    }
+  }
 
   // Called by a fiber after fail(): leaves the fiber for good (the block stops). Callers build
   // the message in a statement of its own, so no temporary is left alive on the abandoned stack.
@@ -417,6 +505,7 @@ class BlockRunner {
         }
       }
       barrier_result_ = barrier_pred_count_;
+      barrier_stamp_ = ++stamp_;  // orders every access before it with every access after it
       barrier_arrived_ = 0;
       barrier_pred_count_ = 0;
       fill_order();
@@ -507,16 +596,126 @@ class BlockRunner {
   }
 
  private:
+  // The block's shared arena: `bytes` of dynamic shared memory at offset 0, then room for the
+  // static variables (placed and poisoned as the block declares them, see static_shared).
   void prepare_shared_memory(size_t bytes) {
-    const size_t want = std::max<size_t>(bytes, 16);
+    static_base_ = (std::max<size_t>(bytes, 16) + 1023) / 1024 * 1024;
+    const size_t want = static_base_ + kMaxStaticSharedBytes;
     if (want > smem_capacity_) {
       std::free(smem_);
-      smem_capacity_ = (want + 1023) / 1024 * 1024;
+      smem_capacity_ = want;
       smem_ = static_cast<unsigned char*>(std::aligned_alloc(1024, smem_capacity_));
     }
     smem_bytes_ = bytes;
+    static_vars_.clear();
+    static_used_ = 0;
     // Poison: uninitialised reads give NaN for float/half/bf16 and -1 for integers.
-    std::memset(smem_, 0xff, want);
+    std::memset(smem_, 0xff, static_base_);
+  }
+
+  // Race checker state -----------------------------------------------------------------------
+  // An access: the sync stamp when it happened, the thread (linear id), the source line (index
+  // into sites_). tid kNoThread: none yet.
+  static constexpr uint16_t kNoThread = 0xffff;
+  struct Access {
+    uint32_t stamp = 0;
+    uint16_t tid = kNoThread;
+    uint16_t site = 0;
+  };
+  // Per shared-memory byte: the last write, the last read, and the last read by another thread
+  // than that one (so a write after reads by several threads still sees one that is not its own).
+  struct ShadowByte {
+    Access write;
+    Access read;
+    Access read_other;
+  };
+
+  void prepare_racecheck() {
+    if (shadow_.size() < smem_capacity_) shadow_.resize(smem_capacity_);
+    clear_shadow(0, smem_bytes_);
+    stamp_ = 1;
+    barrier_stamp_ = 0;
+    pair_sync_.assign(size_t(n_threads_) * 32, 0u);
+  }
+
+  void clear_shadow(size_t offset, size_t bytes) {
+    std::fill(shadow_.begin() + offset, shadow_.begin() + offset + bytes, ShadowByte{});
+  }
+
+  // A completed warp collective orders, for every pair of lanes that took part, what each did
+  // before it with what the other does after it.
+  void record_warp_sync(unsigned warp, uint32_t group) {
+    const uint32_t stamp = ++stamp_;
+    for (uint32_t m = group; m != 0; m &= m - 1) {
+      uint32_t* row = &pair_sync_[size_t(warp * 32 + unsigned(__builtin_ctz(m))) * 32];
+      for (uint32_t k = group; k != 0; k &= k - 1) row[__builtin_ctz(k)] = stamp;
+    }
+  }
+
+  // Whether `earlier` (by another thread) and `now` conflict: no __syncthreads since, and no
+  // warp collective that both threads took part in since.
+  bool conflicts(const Access& earlier, const Access& now) const {
+    if (earlier.tid == kNoThread || earlier.tid == now.tid) return false;
+    if (barrier_stamp_ > earlier.stamp) return false;
+    if ((earlier.tid >> 5) == (now.tid >> 5) &&
+        pair_sync_[size_t(now.tid) * 32 + (earlier.tid & 31u)] > earlier.stamp) {
+      return false;
+    }
+    return true;
+  }
+
+  uint16_t intern_site(const char* file, int line) {
+    if (last_site_file_ == file && last_site_line_ == line) return last_site_;
+    auto it = site_index_.find({file, line});
+    uint16_t index;
+    if (it != site_index_.end()) {
+      index = it->second;
+    } else {
+      index = uint16_t(std::min<size_t>(sites_.size(), 0xffff));
+      if (sites_.size() < 0xffff) {
+        sites_.push_back({"", file, line});
+        site_index_.emplace(std::make_pair(file, line), index);
+      }
+    }
+    last_site_file_ = file;
+    last_site_line_ = line;
+    last_site_ = index;
+    return index;
+  }
+
+  std::string site_of(const Access& a) const {
+    if (a.site >= sites_.size()) return "(unknown)";
+    return cat(sites_[a.site].file, ":", sites_[a.site].line);
+  }
+
+  std::string thread_of(unsigned linear) const { return thread_string(fibers_[linear]); }
+
+  // Where shared-memory byte `offset` lives: in the dynamic part or in which static variable.
+  std::string location(size_t offset) const {
+    char address[32];
+    std::snprintf(address, sizeof(address), "%p", static_cast<void*>(smem_ + offset));
+    if (offset < smem_bytes_) {
+      return cat("dynamic shared memory offset ", offset, " (address ", address, ")");
+    }
+    for (const StaticShared& v : static_vars_) {
+      if (offset >= v.offset && offset < v.offset + v.bytes) {
+        return cat("byte ", offset - v.offset, " of static shared '", v.name, "' (address ",
+                   address, ")");
+      }
+    }
+    return cat("shared memory offset ", offset, " (address ", address, ")");
+  }
+
+  std::string race_message(const char* kind, size_t offset, const Access& earlier,
+                           const Access& now) const {
+    const bool earlier_write = kind[0] == 'w';
+    const bool now_write = kind[std::strlen(kind) - 1] == 'e';
+    return cat("shared-memory race (", kind, ") on ", location(offset), ": ",
+               thread_of(earlier.tid), earlier_write ? " wrote" : " read", " it at ",
+               site_of(earlier), ", then ", thread_of(now.tid), now_write ? " writes" : " reads",
+               " it at ", site_of(now),
+               " with no __syncthreads() between them (nor a __syncwarp()/warp collective that "
+               "both lanes took part in)");
   }
 
   void push(unsigned id) {
@@ -600,6 +799,7 @@ class BlockRunner {
       }
     }
     compute_warp(lanes, group, *candidate);
+    if (racecheck_) record_warp_sync(warp, group);
     unsigned ids[32];
     unsigned n = 0;
     for (uint32_t m = group; m != 0; m &= m - 1) ids[n++] = warp * 32 + __builtin_ctz(m);
@@ -784,6 +984,27 @@ class BlockRunner {
   unsigned char* smem_ = nullptr;
   size_t smem_capacity_ = 0;
   size_t smem_bytes_ = 0;
+  // Static shared variables of the running block (VLMK_SHARED), placed from static_base_ on.
+  struct StaticShared {
+    const void* key;
+    size_t offset;
+    size_t bytes;
+    const char* name;
+  };
+  std::vector<StaticShared> static_vars_;
+  size_t static_base_ = 0;
+  size_t static_used_ = 0;
+  // Race checker (SIMT_RACECHECK): see shared_access.
+  bool racecheck_ = false;
+  std::vector<ShadowByte> shadow_;   // one per byte of the arena
+  std::vector<uint32_t> pair_sync_;  // [thread][lane]: stamp of their last common warp sync
+  uint32_t stamp_ = 1;               // counts the block's sync events
+  uint32_t barrier_stamp_ = 0;       // stamp of the last __syncthreads
+  std::vector<Site> sites_;
+  std::map<std::pair<const char*, int>, uint16_t> site_index_;
+  const char* last_site_file_ = nullptr;
+  int last_site_line_ = 0;
+  uint16_t last_site_ = 0;
   bool failed_ = false;
   cudaError_t error_ = cudaSuccess;
   std::string message_;
@@ -1063,6 +1284,34 @@ T* dynamic_shared() {
 // Bytes of dynamic shared memory of the running block.
 inline size_t dynamic_shared_bytes() {
   return detail::active("dynamic_shared_bytes").shared_memory_bytes();
+}
+
+// The running block's instance of a static shared variable of type T (what VLMK_SHARED declares
+// under the emulator): `key` is the address of an object unique to the declaration, `name` its
+// name for messages. Placed after the dynamic shared memory and filled with 0xff bytes when the
+// first thread of the block reaches the declaration.
+template <class T>
+T* static_shared(const void* key, const char* name) {
+  constexpr size_t kAlign = alignof(T) > 16 ? alignof(T) : 16;
+  return static_cast<T*>(
+      detail::active("static_shared").static_shared(key, sizeof(T), kAlign, name));
+}
+
+// A shared-memory load / store, seen by the race checker when SIMT_RACECHECK is on (otherwise a
+// plain load / store after one test). Kernels use them through vlmk::ld_shared / st_shared.
+template <class T>
+inline T shared_load(const T* p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  detail::BlockRunner* r = detail::tls_active;
+  if (r != nullptr && r->racecheck()) r->shared_access(p, sizeof(T), false, file, line);
+  return *p;
+}
+
+template <class T>
+inline void shared_store(T* p, const typename std::enable_if<true, T>::type& value,
+                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  detail::BlockRunner* r = detail::tls_active;
+  if (r != nullptr && r->racecheck()) r->shared_access(p, sizeof(T), true, file, line);
+  *p = value;
 }
 
 }  // namespace simt

@@ -2,6 +2,7 @@
 // (vlm_kernels/ops); they call these functions from their kernel tables.
 #include <torch/extension.h>
 
+#include "sim/simt_settings.h"
 #include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
 #include "torch/ops.h"
@@ -33,4 +34,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("image_text_attention_cpu_supported", &vlmk::image_text_attention_cpu_supported);
   m.def("image_text_attention_fwd_cuda_sim", &vlmk::image_text_attention_fwd_cuda_sim, "q"_a, "k"_a,
         "v"_a, "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
+  // The SIMT emulator's settings for the cuda_sim launches that follow (the SIMT_* environment
+  // variables are read once per process). Arguments left None keep their value; returns the
+  // previous settings as a dict, which can be passed back to restore them.
+  m.def(
+      "simt_set_config",
+      [](std::optional<bool> racecheck, std::optional<std::string> schedule,
+         std::optional<uint64_t> seed, std::optional<int> num_threads) {
+        const vlmk::sim::SimtSettings previous = vlmk::sim::simt_settings();
+        vlmk::sim::SimtSettings next = previous;
+        if (racecheck) next.racecheck = *racecheck;
+        if (schedule) next.schedule = *schedule;
+        if (seed) next.seed = *seed;
+        if (num_threads) next.num_threads = *num_threads;
+        vlmk::sim::set_simt_settings(next);
+        return pybind11::dict("racecheck"_a = previous.racecheck, "schedule"_a = previous.schedule,
+                              "seed"_a = previous.seed, "num_threads"_a = previous.num_threads);
+      },
+      "racecheck"_a = pybind11::none(), "schedule"_a = pybind11::none(),
+      "seed"_a = pybind11::none(), "num_threads"_a = pybind11::none());
+  // A kernel with a planted shared-memory race under the current settings: (error message, the
+  // value thread 0 read); proves the race checker and the poison are live in this build.
+  m.def("simt_race_probe", [] {
+    const vlmk::sim::RaceProbe probe = vlmk::sim::simt_race_probe();
+    return std::make_tuple(probe.message, probe.first_value);
+  });
+  m.def("simt_config", [] {
+    const vlmk::sim::SimtSettings s = vlmk::sim::simt_settings();
+    return pybind11::dict("racecheck"_a = s.racecheck, "schedule"_a = s.schedule, "seed"_a = s.seed,
+                          "num_threads"_a = s.num_threads);
+  });
 }

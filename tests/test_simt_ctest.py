@@ -2,7 +2,8 @@
 
 The emulator (csrc/simt) runs the CUDA kernels' source on the CPU for the ``cuda_sim`` backend; its
 ctest suite checks barriers, shared memory, warp collectives, atomics, 16-bit floats, deadlock
-detection, and that a kernel missing a ``__syncthreads`` gives a wrong answer under it. The build
+detection, that a kernel missing a ``__syncthreads`` gives a wrong answer under it, shared-memory
+poison, and that the race checker (SIMT_RACECHECK) reports planted races and passes clean kernels. The build
 directory (build/cmake) is kept, so later runs only rebuild what changed.
 """
 

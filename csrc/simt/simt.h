@@ -5,8 +5,9 @@
 // Not emulated (yet): WMMA / tensor cores (no kernel uses them; nvcuda::wmma could be added here),
 // inline PTX (guard it with `#if !defined(VLMK_SIMT)`), `extern __shared__` (use
 // VLMK_DYNAMIC_SMEM), cooperative groups, dynamic parallelism, device-side assert() (the host's
-// assert aborts the process), spin-waiting on another block of the same launch, and memory
-// checking (an out-of-bounds access is a host out-of-bounds access).
+// assert aborts the process), spin-waiting on another block of the same launch, and global memory
+// checking (an out-of-bounds access is a host out-of-bounds access; shared accesses made through
+// vlmk::ld_shared / st_shared are bounds-checked under SIMT_RACECHECK=1).
 //
 // Mapping of the CUDA language onto the host:
 //   __global__ __device__ __host__ __constant__ __managed__ __grid_constant__  -> nothing
@@ -16,6 +17,9 @@
 //       of a block run on one OS thread, so the block's threads share it while blocks running
 //       concurrently on other OS threads have their own. Like on a GPU its contents are
 //       undefined at block start (whatever the previous block on that OS thread left there).
+//       VLMK_SHARED(T, name) (common/cuda_compat.cuh) is the checked form: the variable lives in
+//       the block's shared arena, poisoned (0xff bytes) at block start and seen by the race
+//       checker (SIMT_RACECHECK=1, see runtime.h) through simt::shared_load / shared_store.
 //   threadIdx / blockIdx / blockDim / gridDim -> thread_local variables that the scheduler sets
 //       before it resumes a thread; warpSize -> constexpr 32.
 //   kernel<<<grid, block, smem, stream>>>(args...) -> simt::launch(kernel, grid, block, smem,
@@ -38,7 +42,8 @@
 //   16-bit     __half, __half2, __nv_bfloat16, __nv_bfloat162 and their conversions (half.h)
 //   other      __trap, __nanosleep (yields to the block's other threads)
 // Host-side API: simt::launch(kernel, grid, block, smem_bytes, args...), simt::launch_named,
-//   simt::dynamic_shared<T>(), simt::dynamic_shared_bytes(), simt::last_error_message(),
+//   simt::dynamic_shared<T>(), simt::dynamic_shared_bytes(), simt::static_shared<T>(),
+//   simt::shared_load / shared_store, simt::last_error_message(),
 //   simt::get_config()/set_config(); cudaGetLastError, cudaPeekAtLastError, cudaGetErrorString
 //   (the detailed message of this thread's last failed launch), cudaGetErrorName,
 //   cudaFuncSetAttribute (MaxDynamicSharedMemorySize), cudaDeviceGetAttribute,
@@ -46,7 +51,9 @@
 //   cudaMemcpyToSymbol.
 // Errors: bad launch shape -> cudaErrorInvalidConfiguration; dynamic shared memory above the
 //   kernel's limit -> cudaErrorInvalidValue; deadlock -> cudaErrorLaunchTimeout; divergent
-//   barrier, misused warp collective, __trap, exception -> cudaErrorLaunchFailure.
+//   barrier, misused warp collective, __trap, exception, shared-memory race (SIMT_RACECHECK)
+//   -> cudaErrorLaunchFailure; out-of-bounds shared access (SIMT_RACECHECK) ->
+//   cudaErrorIllegalAddress; static shared memory over 48 KB -> cudaErrorInvalidValue.
 #pragma once
 
 #include <math.h>

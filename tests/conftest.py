@@ -15,7 +15,7 @@ if os.environ.get("VLMK_TEST_DEVICE", "cpu") != "cuda":
 import pytest
 import torch
 
-from tests.devices import ON_CUDA
+from tests.devices import ON_CUDA, TEST_DEVICE
 from tests.triton_interpreter import patch_interpreter_bf16_dot
 
 if not ON_CUDA:
@@ -36,3 +36,11 @@ def _fresh_seed(request):
     """Fresh random inputs in every test, reproducible from the test's id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def tensors_on_test_device():
+    """Factory calls without a device (torch.randn(2, 3)) build TEST_DEVICE tensors (tests/devices.py).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("tensors_on_test_device")``."""
+    with torch.device(TEST_DEVICE):
+        yield

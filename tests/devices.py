@@ -36,3 +36,16 @@ cpu_only = pytest.mark.skipif(
 )
 # Tests that need a real GPU.
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs VLMK_TEST_DEVICE=cuda and a GPU")
+
+
+def backends_for(op: str, *, include_reference: bool = True) -> list[str]:
+    """The backends with a kernel for ``op`` that are available here and run TEST_DEVICE tensors."""
+    import vlm_kernels as vk
+    from vlm_kernels.ops._registry import TABLES
+
+    available = vk.available_backends()
+    return [
+        b
+        for b in DEVICE_BACKENDS
+        if available[b] and b in TABLES[op].forward and (include_reference or b != "reference")
+    ]

@@ -1,12 +1,15 @@
 """block_chunk_schedule on every backend against the reference: the smallest real kernel, run by the C++
-CPU path, the Triton interpreter and the CUDA source under the SIMT emulator."""
+CPU path, the Triton interpreter and the CUDA source under the SIMT emulator (or, with
+VLMK_TEST_DEVICE=cuda, by Triton and CUDA on the GPU)."""
 
 import pytest
 import torch
 
 import vlm_kernels as vk
+from tests.devices import backends_for
 
-BACKENDS = ["cpu", "cuda_sim", "triton"]
+pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
+BACKENDS = backends_for("block_chunk_schedule", include_reference=False)
 
 
 def _check(media_mask, block_q, backend):

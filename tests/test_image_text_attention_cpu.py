@@ -21,9 +21,14 @@ from tests.attention_testing import (
     policy_floor,
     random_media_mask,
 )
+from tests.devices import ON_CUDA
 from vlm_kernels import _C
 from vlm_kernels.reference.image_text_attention import image_text_attention_reference
 
+if ON_CUDA:
+    pytest.skip(
+        "the C++ CPU kernels run CPU tensors only (VLMK_TEST_DEVICE=cuda)", allow_module_level=True
+    )
 KERNELS = _C
 if not KERNELS.image_text_attention_cpu_supported():
     pytest.skip("the CPU kernels need AVX-512 (x86-64)", allow_module_level=True)

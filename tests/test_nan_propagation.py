@@ -12,18 +12,11 @@ import pytest
 import torch
 
 import vlm_kernels as vk
-from tests.devices import DEVICE_BACKENDS, TEST_DEVICE
-from vlm_kernels.ops._registry import TABLES
+from tests.devices import TEST_DEVICE, backends_for
 from vlm_kernels.reference import image_text_attention_reference
 
 BATCH, QUERY_LEN, HEADS_Q, HEADS_KV, HEAD_DIM, CHUNKS, MEDIA_LEN = 2, 40, 4, 2, 64, 3, 24
 DECODE_LEN = 3  # Lq <= 16 takes the split-KV decode path on the GPU backends
-
-
-def _backends():
-    available = vk.available_backends()
-    table = TABLES["image_text_attention"]
-    return [b for b in DEVICE_BACKENDS if available[b] and b in table.forward]
 
 
 def _inputs(query_len, dtype):
@@ -65,7 +58,7 @@ def _touched_rows(name, index, mask, query_len):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("query_len", [QUERY_LEN, DECODE_LEN])
 @pytest.mark.parametrize("poison", sorted(POISONS))
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends_for("image_text_attention"))
 def test_bad_values_reach_the_rows_that_see_them(backend, poison, query_len, dtype):
     q, k, v, mask = _inputs(query_len, dtype)
     name, index, value = POISONS[poison]
@@ -85,7 +78,7 @@ def test_bad_values_reach_the_rows_that_see_them(backend, poison, query_len, dty
     torch.testing.assert_close(out.double()[clean], ref[clean], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends_for("image_text_attention"))
 def test_nan_query_row_gives_nan_gradient(backend):
     q, k, v, mask = _inputs(QUERY_LEN, torch.float32)
     q[1, 1, 2, 7] = float("nan")

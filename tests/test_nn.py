@@ -12,6 +12,9 @@ from torch import nn
 import vlm_kernels as vk
 from vlm_kernels import nn as vkn
 
+pytestmark = pytest.mark.usefixtures(
+    "tensors_on_test_device"
+)  # the GPU under VLMK_TEST_DEVICE=cuda
 BACKENDS = [None, "reference"]  # None = auto: the fastest kernel here, picked up with no change
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vlm_kernels as vk
-from tests.devices import DEVICE_BACKENDS, ON_CUDA, TEST_DEVICE
+from tests.devices import ON_CUDA, TEST_DEVICE, backends_for
 from vlm_kernels._backends import _warn_once
 from vlm_kernels.ops._registry import TABLES
 from vlm_kernels.ops.block_chunk_schedule import block_chunk_schedule_op
@@ -23,12 +23,7 @@ from vlm_kernels.reference import (
     perceiver_attention_reference,
 )
 
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device():
-    """Factory calls without a device (e.g. torch.randn(2, 3)) build TEST_DEVICE tensors."""
-    with torch.device(TEST_DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
 
 
 def _attention_inputs(
@@ -74,13 +69,7 @@ def _patch_inputs(with_uint8=False):
 # ---- opcheck -------------------------------------------------------------------------------------------
 
 
-def _backends_with_kernel(op: str) -> list[str]:
-    """The backends with a kernel for ``op`` that run ``TEST_DEVICE`` tensors here."""
-    available = vk.available_backends()
-    return [b for b in DEVICE_BACKENDS if available[b] and b in TABLES[op].forward]
-
-
-@pytest.mark.parametrize("backend", _backends_with_kernel("image_text_attention"))
+@pytest.mark.parametrize("backend", backends_for("image_text_attention"))
 def test_opcheck_image_text_attention(backend):
     q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
     for empty_rows in ("zero", "uniform"):
@@ -113,7 +102,7 @@ def test_opcheck_concat_project():
     torch.library.opcheck(concat_project_op, (features, weight, None, "reference"))
 
 
-@pytest.mark.parametrize("backend", _backends_with_kernel("block_chunk_schedule"))
+@pytest.mark.parametrize("backend", backends_for("block_chunk_schedule"))
 def test_opcheck_block_chunk_schedule(backend):
     media_mask = torch.rand(2, 9, 5, device=TEST_DEVICE) > 0.7
     torch.library.opcheck(block_chunk_schedule_op, (media_mask, 4, backend))
@@ -273,7 +262,7 @@ def test_auto_and_env_override(monkeypatch):
 def test_backward_without_kernel_warns_and_uses_the_reference_on_cpu():
     """cuda_sim has a forward kernel only: its gradients run on the reference backward, with a
     warning naming the op and the backend (once), never silently."""
-    if "cuda_sim" not in _backends_with_kernel("image_text_attention"):
+    if "cuda_sim" not in backends_for("image_text_attention"):
         pytest.skip("cuda_sim does not run on this test device")
     q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
     out = vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="cuda_sim")

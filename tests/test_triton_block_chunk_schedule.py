@@ -1,5 +1,6 @@
 """The Triton ``block_chunk_schedule`` kernel vs a plain-PyTorch reference, on CPU tensors through
-the Triton interpreter; and the interpreter's bf16 ``tl.dot`` fault with its test-side patch.
+the Triton interpreter (or compiled on CUDA tensors with VLMK_TEST_DEVICE=cuda), at every autotune
+config; and the interpreter's bf16 ``tl.dot`` fault with its test-side patch.
 
 TRITON_INTERPRET must be set before triton is first imported (``@triton.jit`` picks interpreter or
 compiler when a kernel module is imported). tests/conftest.py sets it for the session; the
@@ -13,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+from tests.devices import ON_CUDA, TEST_DEVICE, cpu_only
 from tests.triton_interpreter import (
     bf16_dot_patch_applied,
     patch_interpreter_bf16_dot,
@@ -20,15 +22,18 @@ from tests.triton_interpreter import (
 )
 
 triton = pytest.importorskip("triton")
-if not triton.knobs.runtime.interpret:
+if not ON_CUDA and not triton.knobs.runtime.interpret:
     pytest.skip(
         "TRITON_INTERPRET=1 was not set before triton was imported", allow_module_level=True
     )
 
 import triton.language as tl  # noqa: E402
 
+from vlm_kernels.triton._launch import force_triton_config  # noqa: E402
 from vlm_kernels.triton.block_chunk_schedule import (  # noqa: E402
+    _CONFIGS,
     _INTERPRETER_CONFIG,
+    KERNEL_NAME,
     block_chunk_schedule_triton,
 )
 
@@ -40,13 +45,13 @@ def reference_block_chunk_schedule(media_mask: torch.Tensor, block_q: int):
     """The spec in PyTorch: OR over each block's rows (padded with False), a stable compaction."""
     batch, seq_q, n_media = media_mask.shape
     n_qb = -(-seq_q // block_q)
-    padded = torch.zeros(batch, n_qb * block_q, n_media, dtype=torch.bool)
+    padded = torch.zeros(batch, n_qb * block_q, n_media, dtype=torch.bool, device=media_mask.device)
     padded[:, :seq_q] = media_mask
     visible = padded.view(batch, n_qb, block_q, n_media).any(2)
     chunk_count = visible.sum(-1, dtype=torch.int32)
     # Stable sort on "not visible": visible indices first, ascending; then -1 past the count.
     order = torch.sort((~visible).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    slots = torch.arange(n_media).expand_as(order)
+    slots = torch.arange(n_media, device=media_mask.device).expand_as(order)
     chunk_ids = torch.where(slots < chunk_count.unsqueeze(-1), order, torch.full_like(order, -1))
     return chunk_count, chunk_ids
 
@@ -63,7 +68,7 @@ def check(media_mask: torch.Tensor, block_q: int) -> None:
 
 
 def random_mask(batch: int, seq_q: int, n_media: int, density: float = 0.1) -> torch.Tensor:
-    return torch.rand(batch, seq_q, n_media) < density
+    return torch.rand(batch, seq_q, n_media, device=TEST_DEVICE) < density
 
 
 def test_reference_on_a_hand_made_case():
@@ -94,7 +99,7 @@ def test_random_masks(batch, seq_q, n_media, block_q, density):
 @pytest.mark.parametrize("value", [False, True])
 @pytest.mark.parametrize("n_media", [5, BLOCK_M + 3])
 def test_constant_masks(value, n_media):
-    mask = torch.full((2, 21, n_media), value, dtype=torch.bool)
+    mask = torch.full((2, 21, n_media), value, dtype=torch.bool, device=TEST_DEVICE)
     count, _ = block_chunk_schedule_triton(mask, 8)
     assert torch.all(count == (n_media if value else 0))
     check(mask, 8)
@@ -102,22 +107,24 @@ def test_constant_masks(value, n_media):
 
 def test_visible_chunks_in_last_tile_only():
     n_media = 2 * BLOCK_M + 5
-    mask = torch.zeros(1, 10, n_media, dtype=torch.bool)
+    mask = torch.zeros(1, 10, n_media, dtype=torch.bool, device=TEST_DEVICE)
     mask[0, 3, n_media - 1] = mask[0, 9, 2 * BLOCK_M] = True
     check(mask, 4)
 
 
 def test_strided_mask_view():
-    base = torch.rand(3, 2 * 29 + 1, 4, 11) < 0.15
+    base = torch.rand(3, 2 * 29 + 1, 4, 11, device=TEST_DEVICE) < 0.15
     mask = base[:, 1::2, 2, ::2]  # [3, 29, 6]: every dim strided, none contiguous
     assert not mask.is_contiguous() and mask.stride(-1) != 1
     check(mask, 8)
-    transposed = (torch.rand(2, 7, 19) < 0.2).transpose(1, 2)  # [2, 19, 7], M stride 19
+    transposed = (torch.rand(2, 7, 19, device=TEST_DEVICE) < 0.2).transpose(
+        1, 2
+    )  # [2, 19, 7], M stride 19
     check(transposed, 5)
 
 
 def test_expanded_mask_with_zero_strides():
-    row = torch.rand(1, 1, 9) < 0.3
+    row = torch.rand(1, 1, 9, device=TEST_DEVICE) < 0.3
     check(row.expand(2, 13, 9), 4)
 
 
@@ -126,7 +133,7 @@ def test_expanded_mask_with_zero_strides():
     [(2, 7, 0), (2, 0, 5), (0, 7, 5), (0, 0, 0)],
 )
 def test_empty_sizes(batch, seq_q, n_media):
-    mask = torch.zeros(batch, seq_q, n_media, dtype=torch.bool)
+    mask = torch.zeros(batch, seq_q, n_media, dtype=torch.bool, device=TEST_DEVICE)
     count, ids = block_chunk_schedule_triton(mask, 4)
     n_qb = -(-seq_q // 4)
     assert count.shape == (batch, n_qb) and ids.shape == (batch, n_qb, n_media)
@@ -143,11 +150,27 @@ def test_every_output_element_is_written(monkeypatch):
         return out.fill_(-12345) if out.dtype == torch.int32 else out
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    for mask in (random_mask(2, 23, BLOCK_M + 9, 0.05), torch.zeros(1, 8, 3, dtype=torch.bool)):
+    zeros = torch.zeros(1, 8, 3, dtype=torch.bool, device=TEST_DEVICE)
+    for mask in (random_mask(2, 23, BLOCK_M + 9, 0.05), zeros):
         count, ids = block_chunk_schedule_triton(mask, 8)
         assert not (count == -12345).any() and not (ids == -12345).any()
-    count, _ = block_chunk_schedule_triton(torch.zeros(2, 5, 0, dtype=torch.bool), 2)  # M = 0
+    no_chunks = torch.zeros(2, 5, 0, dtype=torch.bool, device=TEST_DEVICE)
+    count, _ = block_chunk_schedule_triton(no_chunks, 2)  # M = 0
     assert torch.all(count == 0)
+
+
+@pytest.mark.parametrize("index", range(len(_CONFIGS)))
+def test_every_config(index):
+    """Config #index of the autotune list (force_triton_config): Lq=150 in partial query blocks,
+    block_q larger than every BLOCK_Q, and 300 chunks (past one BLOCK_M tile of each config, with a
+    partial last tile)."""
+    with force_triton_config(KERNEL_NAME, index):
+        for batch, seq_q, n_media, block_q, density in (
+            (2, 150, 300, 40, 0.02),
+            (1, 150, 300, 130, 0.005),
+            (2, 37, 5, 16, 0.3),
+        ):
+            check(random_mask(batch, seq_q, n_media, density), block_q)
 
 
 # --- the interpreter's bf16 tl.dot ----------------------------------------------------------------
@@ -178,6 +201,7 @@ def restore_bf16_patch():
     (patch_interpreter_bf16_dot if was_applied else unpatch_interpreter_bf16_dot)()
 
 
+@cpu_only
 def test_interpreter_bf16_dot_is_wrong_unpatched_and_right_patched(restore_bf16_patch):
     unpatch_interpreter_bf16_dot()
     assert _interpreted_dot_error(torch.bfloat16) > 1e3  # products of the raw uint16 bits

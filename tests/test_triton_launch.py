@@ -43,7 +43,15 @@ _CONFIGS = tuple(
     triton.Config({"TAG": tag, "BLOCK": block}, num_warps=warps, num_stages=1)
     for tag, block, warps in ((10, 16, 1), (11, 32, 2), (12, 16, 4))
 )
-declare_configs(_NAME, _CONFIGS, _CONFIGS[:2])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _declared_test_kernel():
+    """The test kernel is declared while this module runs only: triton_config_counts() in the same
+    process (gpu_check --dry-run) lists the package's kernels alone."""
+    declare_configs(_NAME, _CONFIGS, _CONFIGS[:2])
+    yield
+    _launch._declared.pop(_NAME, None)
 
 
 def _run(configs=_CONFIGS) -> torch.Tensor:
@@ -75,6 +83,10 @@ def test_forcing_nests_and_restores():
             assert _run() == 11
         assert _run() == 12
     assert _launch._forced.get(_NAME) is None
+
+
+def test_test_kernel_is_counted_while_declared():
+    assert triton_config_counts()[_NAME] == 3
 
 
 @pytest.mark.skipif(ON_CUDA, reason="on a GPU an unforced launch is autotuned")

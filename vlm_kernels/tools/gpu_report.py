@@ -11,10 +11,13 @@ every module of ``vlm_kernels.triton``) is compiled at each config with
 Triton uses, with Triton's flags) runs on the PTX for the PTX's own target (sm_90a for 90). Shared
 memory comes from the compiled kernel's metadata.
 
-CUDA: each ``.cu`` file of ``--cuda-sources`` is compiled with ``nvcc -cubin -Xptxas -v`` for
+CUDA: when nvcc is found (``$CUDA_HOME/bin/nvcc``, CUDA_HOME defaulting to /usr/local/cuda, else
+``nvcc`` on PATH), each ``.cu`` file of ``--cuda-sources`` is compiled with ``nvcc -cubin -Xptxas -v`` for
 ``-arch=sm_80`` and ``-arch=sm_90a`` (include dir: the sources folder's parent, ``csrc/``; the
 code-generation flags of setup.py). Shared memory is the static ``__shared__`` size; dynamic shared
 memory is the launcher's business.
+
+Without nvcc the ``.cu`` rows are reported as skipped, with the reason, and do not fail the report.
 
 Logs (PTX and ptxas output per kernel, config and arch) go under ``build/ptxas/``. The exit status
 is 1 when a compile fails, a kernel spills (spill stores or loads > 0) or a kernel needs more shared
@@ -79,6 +82,7 @@ class Row:
     shared_memory: int | None = None  # bytes
     shared_memory_limit: int | None = None  # bytes
     error: str = ""  # compile failure, first lines
+    skipped: str = ""  # why this row was not compiled (no nvcc on the machine): not a failure
     log: str = ""  # path of the ptxas log
     seconds: float = 0.0  # compile + ptxas time (CUDA: the whole file)
 
@@ -86,6 +90,8 @@ class Row:
     def status(self) -> str:
         if self.error:
             return "error"
+        if self.skipped:
+            return "skipped"
         problems = []
         if (self.spill_stores or 0) > 0 or (self.spill_loads or 0) > 0:
             problems.append("spill")
@@ -98,7 +104,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """Not a failure: compiled clean, or skipped for want of a tool (the reason is shown)."""
+        return self.status in ("ok", "skipped")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "status": self.status}
@@ -393,7 +400,17 @@ def run_report(
         sources = sorted(folder.glob("*.cu")) if folder.is_dir() else []
         nvcc = _find_nvcc()
         if sources and nvcc is None:
-            rows += [Row("cuda", s.name, str(s), "-", error="nvcc not found") for s in sources]
+            # A machine without the CUDA toolkit still proves the Triton kernels (Triton carries
+            # its own ptxas); the .cu rows say why they were not compiled, and do not fail.
+            reason = (
+                f"nvcc not found (CUDA_HOME={os.environ.get('CUDA_HOME', '<unset>')}, "
+                "not on PATH); install the CUDA toolkit to compile the .cu sources"
+            )
+            rows += [
+                Row("cuda", s.name, str(s), sm_name(arch), skipped=reason)
+                for s in sources
+                for arch in archs
+            ]
         elif sources:
             includes = [str(_resolve(d)) for d in include_dirs or [folder.parent]]
             for source in sources:
@@ -555,10 +572,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(format_table(rows) if rows else "nothing to compile")
     failed = [row for row in rows if not row.ok]
+    skipped = [row for row in rows if row.status == "skipped"]
     print(
-        f"\n{len(rows)} rows, {len(failed)} failed, {elapsed:.1f} s; "
+        f"\n{len(rows)} rows, {len(failed)} failed, {len(skipped)} skipped, {elapsed:.1f} s; "
         f"ptxas logs under {args.log_dir}/"
     )
+    for reason in sorted({row.skipped for row in skipped}):
+        names = sorted({row.kernel for row in skipped if row.skipped == reason})
+        print(f"SKIPPED {', '.join(names)}: {reason}")
     for row in failed:
         print(f"FAIL {row.kernel} [{row.config}] {row.arch}: {row.status}; log: {row.log or '-'}")
         if row.error:

@@ -75,11 +75,12 @@ def make_case(
     empty_rows: str = "zero",
     fused_qkv: bool = False,
     logit_scale: float = 1.0,
-    device: str = "cpu",
+    device: str | torch.device | None = None,
 ) -> AttentionCase:
     """Random inputs (fresh each call). ``fused_qkv``: q, k and v are strided slices of one
     [B, L, 3 * H, Dh] tensor, the layout a fused projection produces. ``logit_scale`` multiplies q
-    (large values test overflow safety of the online softmax)."""
+    (large values test overflow safety of the online softmax). ``device`` None: torch's default device
+    (the ``tensors_on_test_device`` fixture of tests/conftest.py sets it)."""
     keys = chunks * media_len
     if fused_qkv:
         length = max(query_len, keys)
@@ -94,7 +95,7 @@ def make_case(
         v = torch.randn(batch, keys, heads_kv, head_dim, device=device).to(dtype)
     if logit_scale != 1.0:
         q = (q.float() * logit_scale).to(dtype)
-    mask = random_media_mask(batch, query_len, chunks, mask_kind).to(device)
+    mask = random_media_mask(batch, query_len, chunks, mask_kind).to(q.device)
     return AttentionCase(q, k, v, mask, media_len, head_dim**-0.5, empty_rows)
 
 

@@ -403,8 +403,10 @@ __device__ __forceinline__ void attend_slot_tile(const Params& p, SharedStorage<
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const float sum = warp_sum(row_sum[i]);
     if (!slot_valid[i]) continue;  // warp-uniform
-    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const float lse2 = sum > 0.0f ? row_max[i] + log2f(sum) : -INFINITY;  // log2 domain
+    // sum == 0: the row saw nothing (0, -inf). A NaN sum (NaN or inf - inf among the visible
+    // scores) writes NaN out and lse, as SDPA does, and the combine keeps it.
+    const float inv_sum = sum != 0.0f ? 1.0f / sum : 0.0f;
+    const float lse2 = sum != 0.0f ? row_max[i] + log2f(sum) : -INFINITY;  // log2 domain
     const int t = t_first + row_local[i];
     const int head = kv_head * group + (slot_begin + warp * kRowsPerWarp + i - t * group);
     const int64_t row = (static_cast<int64_t>(batch) * p.query_len + t) * p.heads_q + head;
@@ -464,9 +466,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t splits = p.num_splits;
   const float* split_lse = p.partial_lse + row * splits;
 
+  // A NaN split (it saw NaN) must make the row NaN: fmaxf would drop it, so NaN wins here.
   float max_lse = -INFINITY;
-  for (int64_t s = lane; s < splits; s += 32) max_lse = fmaxf(max_lse, split_lse[s]);
-  max_lse = warp_max(max_lse);
+  for (int64_t s = lane; s < splits; s += 32) {
+    const float x = split_lse[s];
+    max_lse = (x > max_lse || x != x) ? x : max_lse;
+  }
+  const bool poisoned = __any_sync(kFullMask, max_lse != max_lse);  // before fmaxf drops it
+  max_lse = poisoned ? NAN : warp_max(max_lse);
   float sum = 0.0f;
   if (max_lse != -INFINITY) {
     for (int64_t s = lane; s < splits; s += 32) sum += exp2f(split_lse[s] - max_lse);

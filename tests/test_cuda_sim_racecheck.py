@@ -23,7 +23,10 @@ import torch
 
 import vlm_kernels as vk
 from tests.attention_testing import check_against_reference, make_case
+from tests.devices import cpu_only
 from vlm_kernels.ops.image_text_attention import TABLE
+
+pytestmark = cpu_only  # the emulator runs on the CPU; VLMK_TEST_DEVICE=cuda runs the real kernels
 
 _C = pytest.importorskip("vlm_kernels._C")
 forward = TABLE.forward["cuda_sim"]

@@ -1,5 +1,7 @@
 """image_text_attention's CUDA kernels (prefill, split-KV decode + combine) run on the CPU by the SIMT
-emulator (the cuda_sim backend), against the float64 reference with the DESIGN §6 policy.
+emulator (the cuda_sim backend), against the float64 reference with the DESIGN §6 policy. With
+VLMK_TEST_DEVICE=cuda (tests/devices.py) the same tests run the compiled kernels (the cuda backend) on
+CUDA tensors.
 
 The emulator runs every CUDA thread as a fiber, so the cases stay small; bigger ones are marked slow.
 Outputs and the decode workspace come from ``at::empty``, which fills them with NaN here (deterministic
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from tests.attention_testing import check_against_reference, make_case, random_media_mask
+from tests.devices import ON_CUDA
 from vlm_kernels._backends import _extension
 from vlm_kernels.ops.image_text_attention import TABLE
 
@@ -20,8 +23,11 @@ DECODE_MAX_QUERY_LEN = (
 )
 
 
-# The cuda_sim entry of the op's kernel table (signature of vlm_kernels/ops/image_text_attention.py).
-forward = TABLE.forward["cuda_sim"]
+# The cuda_sim (or, on a GPU, cuda) entry of the op's kernel table (signature of
+# vlm_kernels/ops/image_text_attention.py); test inputs are built on the test device.
+BACKEND = "cuda" if ON_CUDA else "cuda_sim"
+forward = TABLE.forward[BACKEND]
+pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +205,7 @@ def test_chunks_nobody_sees_are_never_read(query_len):
 
 def test_bad_inputs():
     """The C++ glue's own checks (direct callers of vlm_kernels._C skip the Python validation)."""
-    raw_forward = _extension()[0].image_text_attention_fwd_cuda_sim
+    raw_forward = getattr(_extension()[0], f"image_text_attention_fwd_{BACKEND}")
     q = torch.randn(1, 4, 4, 64)
     k = torch.randn(1, 34, 2, 64)
     mask = torch.ones(1, 4, 2, dtype=torch.bool)

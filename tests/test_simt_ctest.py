@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.devices import cpu_only
+
+pytestmark = cpu_only  # the emulator runs on the CPU; VLMK_TEST_DEVICE=cuda runs the real kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = ROOT / "build" / "cmake"
 

@@ -10,7 +10,8 @@ export MAX_JOBS ?= 2
 # pytest workers: the interpreter/emulator cases are CPU-bound, one worker per core.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test build lint format ctest gpu-report gpu-check pytest cpu-only-build bench clean
+.PHONY: demo test build lint format ctest gpu-report gpu-check pytest cpu-only-build bench clean \
+	gpu-report-no-nvcc gpu-report-triton36
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +57,36 @@ GPU_PYTHON ?= python3
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),build/gpu-check)
 gpu-check:
 	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m vlm_kernels.tools.gpu_check --out $(GPU_CHECK_OUT)
+
+# The compile report with nvcc out of reach (CUDA_HOME pointing nowhere, no nvcc on PATH), on two
+# kernels: the Triton rows still compile (Triton carries its own ptxas), the .cu rows are reported as
+# skipped with the reason, and the command exits 0 -- what a machine without the CUDA toolkit sees.
+gpu-report-no-nvcc: $(STAMP)
+	CUDA_HOME=/nonexistent PATH="$$(printf '%s' "$$PATH" | tr ':' '\n' | \
+		while read -r dir; do [ -x "$$dir/nvcc" ] || printf '%s:' "$$dir"; done)" \
+		$(PY) -m vlm_kernels.tools.gpu_report --kernel _block_chunk_schedule_kernel \
+		--kernel 'image_text_attention_decode_combine*' --json build/gpu_report_no_nvcc.json \
+		--log-dir build/ptxas-no-nvcc
+
+# The lent GPU machine runs Triton 3.6 (DESIGN §4): its compile report (Triton rows) and the launcher,
+# schedule and every-config float32 attention tests through 3.6's interpreter, from a side env with
+# torch 2.14.1 and triton 3.6.0 installed over the 3.8 that torch pins (--no-deps). Measured: ~80 s to
+# create the env, ~80 s for the report (124 rows, 2 jobs), ~30 s for the tests.
+VENV36 := .venv-triton36
+$(VENV36)/.installed:
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/pip install -q torch==2.14.1 numpy==2.4.6 pytest==9.2.0 pytest-xdist==3.8.0
+	$(VENV36)/bin/pip install -q --no-deps triton==3.6.0
+	touch $@
+
+gpu-report-triton36: $(VENV36)/.installed
+	$(VENV36)/bin/python -c 'import triton; assert triton.__version__.startswith("3.6.")'
+	$(VENV36)/bin/python -m vlm_kernels.tools.gpu_report --no-cuda \
+		--json build/gpu_report_triton36.json --log-dir build/ptxas-triton36
+	$(VENV36)/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) \
+		tests/test_triton_launch.py tests/test_triton_block_chunk_schedule.py \
+		tests/test_image_text_attention_triton.py \
+		-k "test_triton_launch or test_triton_block_chunk_schedule or fp32-config"
 
 pytest: build
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

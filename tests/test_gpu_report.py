@@ -24,6 +24,7 @@ from tests.devices import ON_CUDA
 from vlm_kernels.tools.gpu_report import (
     SHARED_MEMORY_LIMIT,
     Row,
+    format_table,
     main,
     parse_ptxas_log,
     report_ok,
@@ -277,6 +278,59 @@ def test_planted_cuda_faults_fail_the_command(tmp_path, capsys):
     for name in PLANTED_CUDA:
         (sources / name).unlink()
     assert main(argv) == 0
+
+
+DECLARED_CUDA = textwrap.dedent(
+    """
+    #include <mma.h>
+    // gpu-report: uses_mma* tensor_cores
+    // gpu-report: claims_mma* tensor_cores
+    // gpu-report: greedy_smem* dynamic_smem=65536
+    using namespace nvcuda;
+    // 2 blocks of 128 threads per SM: fine. One wmma 16x16x16 product: HMMA in the SASS.
+    __global__ void __launch_bounds__(128, 2) uses_mma(const half* a, const half* b, float* c) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> fb;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+      wmma::fill_fragment(fc, 0.f);
+      wmma::load_matrix_sync(fa, a, 16);
+      wmma::load_matrix_sync(fb, b, 16);
+      wmma::mma_sync(fc, fa, fb, fc);
+      wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
+    }
+    // Declared tensor-core, but plain FMA: a planted fault.
+    __global__ void __launch_bounds__(128, 2) claims_mma(float* c) { c[threadIdx.x] *= 2.f; }
+    // 4 blocks per SM promised, but 64 KB of dynamic shared memory each fit 2 (sm_80) / 3 (sm_90).
+    __global__ void __launch_bounds__(256, 4) greedy_smem(float* c) {
+      extern __shared__ float s[];
+      s[threadIdx.x] = c[threadIdx.x];
+      __syncthreads();
+      c[threadIdx.x] = s[255 - threadIdx.x];
+    }
+    """
+)
+
+
+@needs_nvcc
+def test_occupancy_and_tensor_core_declarations(tmp_path):
+    sources = tmp_path / "cuda"
+    sources.mkdir()
+    (sources / "declared.cu").write_text(DECLARED_CUDA)
+    rows = run_report(
+        triton=False, cuda_sources=sources, log_dir=tmp_path / "ptxas", include_dirs=[sources]
+    )
+    by_name = {(r.kernel.split("(")[0], r.arch): r for r in rows}
+    for arch, smem_blocks in (("sm_80", 2), ("sm_90a", 3)):
+        mma = by_name["uses_mma", arch]
+        assert mma.status == "ok" and mma.tensor_core_ops > 0 and mma.expects_tensor_cores
+        assert (mma.threads, mma.min_blocks, mma.blocks_per_sm) == (128, 2, 16)
+        claims = by_name["claims_mma", arch]
+        assert claims.status == "no tensor cores" and claims.tensor_core_ops == 0
+        greedy = by_name["greedy_smem", arch]
+        assert greedy.status == "occupancy" and greedy.dynamic_shared_memory == 65536
+        assert (greedy.blocks_per_sm, greedy.occupancy_limit) == (smem_blocks, "shared memory")
+    table = format_table(rows)
+    assert "3 by shared memory (>= 4 promised)" in table and "no tensor cores" in table
 
 
 # --- the registry and the log parser --------------------------------------------------------------

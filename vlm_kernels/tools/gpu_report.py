@@ -14,14 +14,24 @@ memory comes from the compiled kernel's metadata.
 CUDA: when nvcc is found (``$CUDA_HOME/bin/nvcc``, CUDA_HOME defaulting to /usr/local/cuda, else
 ``nvcc`` on PATH), each ``.cu`` file of ``--cuda-sources`` is compiled with ``nvcc -cubin -Xptxas -v`` for
 ``-arch=sm_80`` and ``-arch=sm_90a`` (include dir: the sources folder's parent, ``csrc/``; the
-code-generation flags of setup.py). Shared memory is the static ``__shared__`` size; dynamic shared
-memory is the launcher's business.
+code-generation flags of setup.py). Shared memory is the static ``__shared__`` size plus the dynamic
+size a kernel declares with a ``// gpu-report: <glob> dynamic_smem=<bytes>`` line in its ``.cu`` (the
+glob matches the demangled kernel name, template arguments included). Each CUDA row also carries:
+- occupancy: blocks per SM from registers (allocated per warp in units of 256), shared memory (+1 KB
+  the driver reserves per block), threads (``__launch_bounds__``' first argument, ``.maxntid`` in the
+  PTX) and the arch's block limit, with the limiting resource; the row fails when
+  ``__launch_bounds__``' second argument (``.minnctapersm``) promises more blocks per SM than that;
+- tensor-core instructions in the SASS (``cuobjdump -sass``: HMMA / HGMMA / IMMA / DMMA), and the
+  ldmatrix (LDSM) and cp.async (LDGSTS) counts beside them; a kernel declared tensor-core with a
+  ``// gpu-report: <glob> tensor_cores`` line fails when it has none.
 
 Without nvcc the ``.cu`` rows are reported as skipped, with the reason, and do not fail the report.
 
 Logs (PTX and ptxas output per kernel, config and arch) go under ``build/ptxas/``. The exit status
-is 1 when a compile fails, a kernel spills (spill stores or loads > 0) or a kernel needs more shared
-memory than an SM gives one block (sm_80: 163 KB = 166912 bytes, sm_90: 227 KB = 232448 bytes).
+is 1 when a compile fails, a kernel spills (spill stores or loads > 0), a kernel needs more shared
+memory than an SM gives one block (sm_80: 163 KB = 166912 bytes, sm_90: 227 KB = 232448 bytes), a CUDA
+kernel's launch bounds promise more blocks per SM than its resources allow, or a kernel declared
+tensor-core has no tensor-core instruction.
 
 The compiles run in worker processes whose environment has no ``TRITON_INTERPRET``, so the report
 also runs from a test session that uses the Triton interpreter.
@@ -85,6 +95,16 @@ class Row:
     skipped: str = ""  # why this row was not compiled (no nvcc on the machine): not a failure
     log: str = ""  # path of the ptxas log
     seconds: float = 0.0  # compile + ptxas time (CUDA: the whole file)
+    # CUDA rows only (None elsewhere): see the module docstring.
+    dynamic_shared_memory: int | None = None  # bytes, as declared in the .cu
+    threads: int | None = None  # per block, from __launch_bounds__ (.maxntid)
+    min_blocks: int | None = None  # per SM, as __launch_bounds__ promises (.minnctapersm)
+    blocks_per_sm: int | None = None  # what registers, shared memory and threads allow
+    occupancy_limit: str = ""  # the resource that caps blocks_per_sm
+    tensor_core_ops: int | None = None  # HMMA/HGMMA/IMMA/DMMA instructions in the SASS
+    ldmatrix_ops: int | None = None  # LDSM
+    cp_async_ops: int | None = None  # LDGSTS
+    expects_tensor_cores: bool = False  # declared with "// gpu-report: <glob> tensor_cores"
 
     @property
     def status(self) -> str:
@@ -100,6 +120,14 @@ class Row:
             and (self.shared_memory or 0) > self.shared_memory_limit
         ):
             problems.append("shared memory")
+        if (
+            self.min_blocks
+            and self.blocks_per_sm is not None
+            and self.min_blocks > self.blocks_per_sm
+        ):
+            problems.append("occupancy")
+        if self.expects_tensor_cores and not self.tensor_core_ops:
+            problems.append("no tensor cores")
         return " + ".join(problems) or "ok"
 
     @property
@@ -280,9 +308,10 @@ def _compile_cuda(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     base = Row("cuda", Path(path).name, str(path), target, log=str(log_path))
     with tempfile.TemporaryDirectory() as tmp:
-        command = [nvcc, "-cubin", "-Xptxas", "-v", f"-arch={target}", *flags]
-        command += [f"-I{d}" for d in include_dirs]
-        command += ["-o", str(Path(tmp, "kernel.cubin")), str(path)]
+        cubin = Path(tmp, "kernel.cubin")
+        # -keep leaves the PTX (launch bounds) beside the cubin (SASS) at no extra compile cost.
+        command = [nvcc, "-cubin", "-Xptxas", "-v", f"-arch={target}", "-keep", f"-keep-dir={tmp}"]
+        command += [*flags, *(f"-I{d}" for d in include_dirs), "-o", str(cubin), str(path)]
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S
@@ -291,31 +320,168 @@ def _compile_cuda(
             log_path.write_text(f"$ {' '.join(command)}\n{error}\n")
             base.error = _first_lines(f"{type(error).__name__}: {error}")
             return [base]
+        ptx = "\n".join(p.read_text(errors="replace") for p in Path(tmp).glob("*.ptx"))
+        sass = _disassemble(cubin) if done.returncode == 0 else ""
     base.seconds = round(time.perf_counter() - start, 3)
     log = f"$ {' '.join(command)}\n{done.stdout}{done.stderr}"
     log_path.write_text(log)
     if done.returncode != 0:
         base.error = _first_lines(f"nvcc exited with {done.returncode}: {done.stderr}")
         return [base]
+    bounds = parse_launch_bounds(ptx)
+    sass_counts = count_sass_instructions(sass)
+    declarations = parse_report_declarations(Path(path).read_text(errors="replace"))
     functions = parse_ptxas_log(log)
     names = _demangle([f.name for f in functions], nvcc)
     rows = []
     for function, name in zip(functions, names, strict=True):
         if not function.entry and not (function.spill_stores or function.spill_loads):
             continue  # a device function without spills: its cost is in its callers' figures
-        rows.append(
-            dataclasses.replace(
-                base,
-                kernel=name if function.entry else f"{name} (device function)",
-                registers=function.registers,
-                spill_stores=function.spill_stores,
-                spill_loads=function.spill_loads,
-                stack_frame=function.stack_frame,
-                shared_memory=function.shared_memory,
-                shared_memory_limit=SHARED_MEMORY_LIMIT.get(arch),
-            )
+        row = dataclasses.replace(
+            base,
+            kernel=name if function.entry else f"{name} (device function)",
+            registers=function.registers,
+            spill_stores=function.spill_stores,
+            spill_loads=function.spill_loads,
+            stack_frame=function.stack_frame,
+            shared_memory=function.shared_memory,
+            shared_memory_limit=SHARED_MEMORY_LIMIT.get(arch),
         )
+        if function.entry:
+            _fill_cuda_analysis(
+                row, arch, bounds.get(function.name), sass_counts.get(function.name)
+            )
+            _apply_declarations(row, declarations)
+        rows.append(row)
     return rows or [base]  # a file without kernels: one row that says so (ok, no figures)
+
+
+# ---- CUDA occupancy and SASS ----------------------------------------------------------------------
+
+# Per-SM resources of the report's archs (CUDA C Programming Guide, compute capability tables).
+SM_REGISTERS = 65536
+SM_MAX_THREADS = 2048
+SM_MAX_BLOCKS = {80: 32, 86: 16, 89: 24, 90: 32}
+SM_SHARED_MEMORY = {80: 167936, 86: 102400, 89: 102400, 90: 233472}  # bytes per SM
+SHARED_MEMORY_RESERVED_PER_BLOCK = 1024  # the driver's per-block reservation (sm_80 and later)
+REGISTER_ALLOCATION_UNIT = 256  # registers are allocated per warp in units of 256
+
+_TENSOR_CORE_RE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|IGMMA|DMMA|BMMA|QMMA)\b")
+_LDSM_RE = re.compile(r"\bLDSM\b")
+_LDGSTS_RE = re.compile(r"\bLDGSTS\b")
+_FUNCTION_RE = re.compile(r"^\s*Function : (\S+)", re.MULTILINE)
+_PTX_ENTRY_RE = re.compile(r"\.entry\s+([\w$]+)\s*\(([^{]*)\{", re.DOTALL)
+_DECLARATION_RE = re.compile(r"//\s*gpu-report:\s*(\S+)\s+(.+)$", re.MULTILINE)
+
+
+@dataclasses.dataclass
+class LaunchBounds:
+    threads: int | None = None  # .maxntid x*y*z
+    min_blocks: int | None = None  # .minnctapersm
+
+
+def parse_launch_bounds(ptx: str) -> dict[str, LaunchBounds]:
+    """Mangled entry name -> its ``__launch_bounds__`` as the PTX states them (``.maxntid``,
+    ``.minnctapersm`` between the parameter list and the body)."""
+    result = {}
+    for match in _PTX_ENTRY_RE.finditer(ptx):
+        directives = match.group(2)[match.group(2).rfind(")") :]
+        bounds = LaunchBounds()
+        if found := re.search(r"\.maxntid\s+([\d,\s]+)", directives):
+            bounds.threads = 1
+            for size in found.group(1).replace(" ", "").strip(",").split(","):
+                bounds.threads *= int(size)
+        if found := re.search(r"\.minnctapersm\s+(\d+)", directives):
+            bounds.min_blocks = int(found.group(1))
+        result[match.group(1)] = bounds
+    return result
+
+
+def count_sass_instructions(sass: str) -> dict[str, tuple[int, int, int]]:
+    """Mangled function name -> (tensor-core, LDSM, LDGSTS instruction counts) of ``cuobjdump -sass``."""
+    counts = {}
+    starts = list(_FUNCTION_RE.finditer(sass))
+    for match, following in zip(starts, [*starts[1:], None], strict=True):
+        body = sass[match.end() : following.start() if following else len(sass)]
+        counts[match.group(1)] = (
+            len(_TENSOR_CORE_RE.findall(body)),
+            len(_LDSM_RE.findall(body)),
+            len(_LDGSTS_RE.findall(body)),
+        )
+    return counts
+
+
+def parse_report_declarations(source: str) -> list[tuple[str, dict]]:
+    """``// gpu-report: <glob> tensor_cores dynamic_smem=<bytes>`` lines of a ``.cu``: (glob, options)."""
+    declarations = []
+    for glob, options in _DECLARATION_RE.findall(source):
+        parsed: dict = {}
+        for word in options.split():
+            key, _, value = word.partition("=")
+            parsed[key] = int(value) if value else True
+        declarations.append((glob, parsed))
+    return declarations
+
+
+def _apply_declarations(row: Row, declarations: list[tuple[str, dict]]) -> None:
+    for glob, options in declarations:
+        if not fnmatch.fnmatchcase(row.kernel, glob):
+            continue
+        if options.get("tensor_cores"):
+            row.expects_tensor_cores = True
+        if "dynamic_smem" in options:
+            row.dynamic_shared_memory = int(options["dynamic_smem"])
+            _fill_occupancy(row, int(row.arch[3:5]))
+
+
+def _fill_cuda_analysis(row: Row, arch: int, bounds, counts) -> None:
+    if bounds is not None:
+        row.threads, row.min_blocks = bounds.threads, bounds.min_blocks
+    if counts is not None:
+        row.tensor_core_ops, row.ldmatrix_ops, row.cp_async_ops = counts
+    _fill_occupancy(row, arch)
+
+
+def _fill_occupancy(row: Row, arch: int) -> None:
+    """Blocks per SM and the resource that limits them (threads default to 1024 when the kernel
+    states no launch bounds: the most a block may have, the worst case)."""
+    threads = row.threads or 1024
+    warps = -(-threads // 32)
+    regs_per_warp = (
+        -(-(row.registers or 0) * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    )
+    smem = (row.shared_memory or 0) + (row.dynamic_shared_memory or 0)
+    limits = {
+        "blocks": SM_MAX_BLOCKS.get(arch, 16),
+        "threads": SM_MAX_THREADS // threads,
+        "registers": SM_REGISTERS // (regs_per_warp * warps) if regs_per_warp else 10**9,
+        "shared memory": SM_SHARED_MEMORY.get(arch, 102400)
+        // (smem + SHARED_MEMORY_RESERVED_PER_BLOCK),
+    }
+    row.occupancy_limit = min(limits, key=limits.get)
+    row.blocks_per_sm = limits[row.occupancy_limit]
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, else the one Triton's wheel carries."""
+    nvcc = _find_nvcc()
+    if nvcc and (toolkit := Path(nvcc).with_name("cuobjdump")).exists():
+        return str(toolkit)
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    except ImportError:
+        return shutil.which("cuobjdump")
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def _disassemble(cubin: Path) -> str:
+    tool = _cuobjdump()
+    if tool is None:
+        return ""
+    done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""
 
 
 def _demangle(names: list[str], nvcc: str) -> list[str]:
@@ -502,7 +668,18 @@ def _run_in_workers(tasks: list[tuple], jobs: int, log_dir: str) -> list[dict]:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    headers = ["kernel", "config", "arch", "regs", "spill st/ld", "stack", "smem", "status"]
+    headers = [
+        "kernel",
+        "config",
+        "arch",
+        "regs",
+        "spill st/ld",
+        "stack",
+        "smem",
+        "blocks/SM",
+        "mma/ldsm/cp.async",
+        "status",
+    ]
 
     def number(value: int | None) -> str:
         return "-" if value is None else str(value)
@@ -513,7 +690,15 @@ def format_table(rows: Sequence[Row]) -> str:
         smem = number(row.shared_memory)
         if row.shared_memory_limit is not None and row.shared_memory is not None:
             smem += f" / {row.shared_memory_limit}"
-        status = row.status
+        if row.dynamic_shared_memory:
+            smem += f" (+{row.dynamic_shared_memory} dyn)"
+        occupancy = "-"
+        if row.blocks_per_sm is not None:
+            promised = f" (>= {row.min_blocks} promised)" if row.min_blocks else ""
+            occupancy = f"{row.blocks_per_sm} by {row.occupancy_limit}{promised}"
+        instructions = "-"
+        if row.tensor_core_ops is not None:
+            instructions = f"{row.tensor_core_ops}/{row.ldmatrix_ops}/{row.cp_async_ops}"
         body.append(
             [
                 row.kernel,
@@ -523,7 +708,9 @@ def format_table(rows: Sequence[Row]) -> str:
                 spills,
                 number(row.stack_frame),
                 smem,
-                status,
+                occupancy,
+                instructions,
+                row.status,
             ]
         )
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *body, strict=True)]

@@ -259,11 +259,13 @@ def test_auto_and_env_override(monkeypatch):
         resolve_backend("x", ["reference", "cuda"], cpu, "cuda")
 
 
-def test_backward_without_kernel_warns_and_uses_the_reference_on_cpu():
-    """cuda_sim has a forward kernel only: its gradients run on the reference backward, with a
-    warning naming the op and the backend (once), never silently."""
+def test_backward_without_kernel_warns_and_uses_the_reference_on_cpu(monkeypatch):
+    """A backend with a forward kernel only (cuda_sim, its backward kernel removed for the test): its
+    gradients run on the reference backward, with a warning naming the op and the backend (once),
+    never silently."""
     if "cuda_sim" not in backends_for("image_text_attention"):
         pytest.skip("cuda_sim does not run on this test device")
+    monkeypatch.delitem(TABLES["image_text_attention"].backward, "cuda_sim", raising=False)
     q, k, v, media_mask, media_len = _attention_inputs(head_dim=64)
     out = vk.image_text_attention(q, k, v, media_mask, media_len=media_len, backend="cuda_sim")
     _warn_once.cache_clear()
@@ -279,13 +281,13 @@ def test_backward_without_kernel_warns_and_uses_the_reference_on_cpu():
         ).sum().backward()
 
 
-def test_backward_without_kernel_takes_the_gpu_kernel_on_cuda_tensors():
-    """On CUDA tensors a forward-only backend (cuda) borrows the Triton backward, not the dense
-    reference one that would materialize [B, H, Lq, Lk]."""
+def test_backward_without_kernel_takes_the_gpu_kernel_on_cuda_tensors(monkeypatch):
+    """On CUDA tensors a forward-only backend (cuda, its backward kernel removed for the test)
+    borrows the Triton backward, not the dense reference one that would materialize [B, H, Lq, Lk]."""
     table = TABLES["image_text_attention"]
     if not vk.available_backends()["triton"]:
         pytest.skip("triton is not available here")
-    assert "cuda" not in table.backward, "cuda has a backward kernel now: update this test"
+    monkeypatch.delitem(table.backward, "cuda", raising=False)
     _warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match=r"'cuda' backend has no backward.*'triton'"):
         chosen = table.backward_for(torch.device("cuda"), "cuda", torch.bfloat16)

@@ -24,6 +24,10 @@ from vlm_kernels.reference.perceiver_attention import (
     perceiver_attention_reference,
 )
 
+pytestmark = pytest.mark.usefixtures(
+    "tensors_on_test_device"
+)  # the GPU under VLMK_TEST_DEVICE=cuda
+
 f64 = torch.float64
 
 

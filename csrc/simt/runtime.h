@@ -193,6 +193,8 @@ inline const char* error_name(cudaError_t e) {
       return "cudaErrorAssert";
     case cudaErrorIllegalInstruction:
       return "cudaErrorIllegalInstruction";
+    case cudaErrorMisalignedAddress:
+      return "cudaErrorMisalignedAddress";
     case cudaErrorLaunchFailure:
       return "cudaErrorLaunchFailure";
     case cudaErrorNotSupported:
@@ -229,6 +231,8 @@ inline const char* error_text(cudaError_t e) {
       return "device-side assert triggered";
     case cudaErrorIllegalInstruction:
       return "an illegal instruction was encountered";
+    case cudaErrorMisalignedAddress:
+      return "misaligned address";
     case cudaErrorLaunchFailure:
       return "unspecified launch failure";
     case cudaErrorNotSupported:
@@ -273,11 +277,28 @@ inline std::string site_string(const Site& s) { return cat(s.what, " at ", s.fil
 
 enum class FiberState : uint8_t { kReady, kRunning, kBarrier, kWarp, kActiveMask, kExited };
 
-enum class WarpOp : uint8_t { kShfl, kVote, kSync, kMatchAny, kMatchAll, kReduce };
+// kCustom: a collective whose result the lane that completes the group computes with the
+// function `custom` over every lane's `payload` (tensor-core emulations: mma, ldmatrix).
+enum class WarpOp : uint8_t { kShfl, kVote, kSync, kMatchAny, kMatchAll, kReduce, kCustom };
 
 enum class ReduceOp : uint8_t { kAddU, kAddS, kMinU, kMinS, kMaxU, kMaxS, kAnd, kOr, kXor };
 
 constexpr size_t kMaxWarpBytes = 16;  // largest value a warp collective exchanges
+
+class BlockRunner;
+struct Fiber;
+
+// A custom warp collective (WarpOp::kCustom), run by the lane that completes the group: `lanes`
+// are the warp's 32 fibers, `group` the lanes taking part (each with its `payload`).
+using WarpCustomFn = void (*)(BlockRunner& runner, Fiber* lanes, uint32_t group, unsigned warp);
+
+// A cp.async copy of one thread, queued until the cp.async.wait_group that retires its group.
+struct AsyncCopy {
+  unsigned char* dst;
+  uint32_t group;  // the commit group it belongs to (== the thread's commit count: not committed)
+  uint8_t bytes;
+  unsigned char data[16];  // the source bytes (read at issue), or zeros when !valid
+};
 
 struct Fiber {
   Context ctx;
@@ -298,6 +319,12 @@ struct Fiber {
   // ... and what it gets back.
   alignas(16) unsigned char out[kMaxWarpBytes];
   uint32_t out_bits = 0;
+  // Custom collective (WarpOp::kCustom): the function and this lane's in/out record.
+  WarpCustomFn custom = nullptr;
+  void* payload = nullptr;
+  // cp.async: this thread's copies in flight, and how many commit groups it has committed.
+  std::vector<AsyncCopy> async_copies;
+  uint32_t async_committed = 0;
 };
 
 struct LaunchInfo {
@@ -352,6 +379,8 @@ class BlockRunner {
       f.tid = uint3{i % block.x, i / block.x % block.y, i / (block.x * block.y)};
       f.linear = i;
       f.state = FiberState::kReady;
+      f.async_copies.clear();
+      f.async_committed = 0;
       make_context(&f.ctx, arena_.stack(i), arena_.stack_bytes(), &fiber_main, this);
     }
     n_warps_ = (n_threads_ + 31) / 32;
@@ -432,14 +461,17 @@ class BlockRunner {
   // Race check of one shared-memory access of `bytes` bytes at `p` by the running thread
   // (SIMT_RACECHECK=1). Addresses outside the block's shared arena (global memory, a plain
   // `__shared__` thread_local) are not shared memory of this block and are ignored.
-  void shared_access(const void* p, size_t bytes, bool write, const char* file, int line) {
+  // `as`: the thread the access is made for (a lane of a warp collective that another lane
+  // completes); default: the running thread.
+  void shared_access(const void* p, size_t bytes, bool write, const char* file, int line,
+                     const Fiber* as = nullptr) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem_);
     if (a < base || a >= base + smem_capacity_) return;
     const size_t offset = a - base;
     const bool in_dynamic = offset + bytes <= smem_bytes_;
     const bool in_static = offset >= static_base_ && offset + bytes <= static_base_ + static_used_;
-    Fiber* f = current_;
+    const Fiber* f = as != nullptr ? as : current_;
     if (!in_dynamic && !in_static) {
       fail(cudaErrorIllegalAddress,
            cat(thread_string(*f), write ? " writes " : " reads ", bytes,
@@ -478,6 +510,82 @@ class BlockRunner {
     }
   }
 
+  // Whether [p, p + bytes) lies in the running block's shared memory (its dynamic part or a
+  // static variable placed so far).
+  bool in_shared_memory(const void* p, size_t bytes) const {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t base = reinterpret_cast<uintptr_t>(smem_);
+    if (a < base || a + bytes > base + smem_capacity_) return false;
+    const size_t offset = a - base;
+    return offset + bytes <= smem_bytes_ ||
+           (offset >= static_base_ && offset + bytes <= static_base_ + static_used_);
+  }
+
+  // A custom warp collective (see WarpCustomFn): returns once the group has completed.
+  void warp_custom(WarpCustomFn fn, uint8_t kind, void* payload, uint32_t mask, const Site& site) {
+    Fiber* f = current_;
+    f->op = WarpOp::kCustom;
+    f->size = kind;
+    f->custom = fn;
+    f->payload = payload;
+    f->mask = mask;
+    warp_collective(f, site);
+  }
+
+  // cp.async of `bytes` (<= 16) bytes from global `src` to shared `dst` by the running thread:
+  // the source is read now (zeros when !valid; src is not read), the bytes land at the
+  // cp_async_wait that retires the copy's group (async_wait).
+  void async_copy(void* dst, const void* src, size_t bytes, bool valid, const Site& site) {
+    Fiber* f = current_;
+    if (!in_shared_memory(dst, bytes)) {
+      fail(cudaErrorIllegalAddress,
+           cat(thread_string(*f), ": ", site_string(site), ": destination ", hex_pointer(dst),
+               " is not in the block's shared memory (", bytes, " bytes)"));
+      leave();
+    }
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 ||
+        (valid && reinterpret_cast<uintptr_t>(src) % bytes != 0)) {
+      fail(cudaErrorMisalignedAddress,
+           cat(thread_string(*f), ": ", site_string(site), ": addresses ", hex_pointer(dst), " <- ",
+               hex_pointer(src), " are not ", bytes, "-byte aligned"));
+      leave();
+    }
+    AsyncCopy c;
+    c.dst = static_cast<unsigned char*>(dst);
+    c.group = f->async_committed;
+    c.bytes = uint8_t(bytes);
+    if (valid) {
+      std::memcpy(c.data, src, bytes);
+    } else {
+      std::memset(c.data, 0, sizeof(c.data));
+    }
+    f->async_copies.push_back(c);
+  }
+
+  // cp.async.commit_group: the thread's uncommitted copies become one group (maybe empty).
+  void async_commit() { ++current_->async_committed; }
+
+  // cp.async.wait_group n: the copies of every group but the n most recent committed ones land
+  // now (n == 0: every copy, committed or not, as cp.async.wait_all), in issue order, each a
+  // shared-memory write of this thread at `site` for the race checker.
+  void async_wait(int n, const Site& site) {
+    Fiber* f = current_;
+    const uint32_t keep = uint32_t(std::max(n, 0));
+    const uint32_t limit = f->async_committed >= keep ? f->async_committed - keep : 0;
+    std::vector<AsyncCopy>& q = f->async_copies;
+    size_t kept = 0;
+    for (size_t i = 0; i < q.size(); ++i) {
+      const AsyncCopy& c = q[i];
+      if (c.group < limit || n <= 0) {
+        if (racecheck_) shared_access(c.dst, c.bytes, true, site.file, site.line);
+        std::memcpy(c.dst, c.data, c.bytes);
+      } else {
+        q[kept++] = c;
+      }
+    }
+    q.resize(kept);
+  }
+
   // Called by a fiber after fail(): leaves the fiber for good (the block stops). Callers build
   // the message in a statement of its own, so no temporary is left alive on the abandoned stack.
   [[noreturn]] void leave() {
@@ -513,6 +621,12 @@ class BlockRunner {
     }
     switch_context(&f->ctx, &scheduler_);
     return barrier_result_;
+  }
+
+  static std::string hex_pointer(const void* p) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%p", p);
+    return buf;
   }
 
   // A warp collective. `f` has its op fields filled in; returns once the group completes, with
@@ -792,13 +906,18 @@ class BlockRunner {
     for (uint32_t m = group; m != 0; m &= m - 1) {
       const Fiber& g = lanes[__builtin_ctz(m)];
       if (g.op != candidate->op || g.size != candidate->size ||
-          (g.op == WarpOp::kReduce && g.reduce != candidate->reduce)) {
+          (g.op == WarpOp::kReduce && g.reduce != candidate->reduce) ||
+          (g.op == WarpOp::kCustom && g.custom != candidate->custom)) {
         fail(cudaErrorLaunchFailure, cat("lanes of warp ", warp, " with mask ", hex(mask),
                                          " met at different warp collectives:", waiting_summary()));
         return false;
       }
     }
-    compute_warp(lanes, group, *candidate);
+    if (candidate->op == WarpOp::kCustom) {
+      candidate->custom(*this, lanes, group, warp);  // may fail() and leave()
+    } else {
+      compute_warp(lanes, group, *candidate);
+    }
     if (racecheck_) record_warp_sync(warp, group);
     unsigned ids[32];
     unsigned n = 0;
@@ -812,6 +931,7 @@ class BlockRunner {
     const size_t size = proto.size;
     switch (proto.op) {
       case WarpOp::kSync:
+      case WarpOp::kCustom:  // computed by the collective's own function (try_complete_warp)
         break;
       case WarpOp::kShfl:
         for (uint32_t m = group; m != 0; m &= m - 1) {

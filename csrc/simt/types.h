@@ -52,6 +52,7 @@ enum cudaError_t {
   cudaErrorLaunchTimeout = 702,
   cudaErrorAssert = 710,
   cudaErrorIllegalInstruction = 715,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
   cudaErrorUnknown = 999,

@@ -61,6 +61,9 @@
 //     GPU to fp32 rounding of the sum, not bit for bit.
 //   - ldmatrix reads shared memory through the race checker (SIMT_RACECHECK=1) as reads by the
 //     lanes that supplied the rows; rows outside shared memory or misaligned fail the launch.
+//     mma / ldmatrix are rendezvous, not memory barriers: they order no shared-memory accesses
+//     between lanes (use __syncwarp / __syncthreads), so the checker reports what PTX leaves
+//     unordered.
 //   - cp.async is asynchronous: the bytes land only at the cp_async_wait<N> that retires their
 //     group, recorded as a shared-memory write of that thread at the wait; __syncthreads does
 //     not complete them. A missing wait reads the 0xff poison (NaN); a missing __syncthreads

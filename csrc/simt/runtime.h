@@ -20,7 +20,12 @@
 // - Warp collectives (__shfl*_sync, votes, __syncwarp, __match_*, __reduce_*) rendezvous the
 //   lanes named in the mask that exist and have not exited; the lane that completes the group
 //   computes every lane's result. Reading a lane that does not take part gives 0xff bytes
-//   (NaN for floats), where hardware gives an undefined value.
+//   (NaN for floats), where hardware gives an undefined value. Custom collectives (WarpOp::
+//   kCustom: the tensor-core mma / ldmatrix of simt/tensor_core.h) ride the same rendezvous,
+//   the completing lane running their function over every lane's payload.
+// - cp.async copies are queued per thread (async_copy) and land in shared memory only at the
+//   cp.async.wait_group that retires their group (async_wait), as writes of that thread there;
+//   __syncthreads does not complete them.
 // - Shared memory is one arena per block: the dynamic part at offset 0, the static variables
 //   (VLMK_SHARED) after it. Both are filled with 0xff bytes before the block first sees them, so
 //   an uninitialised read gives NaN (float, half, bf16) or -1, never a plausible leftover.
@@ -322,6 +327,7 @@ struct Fiber {
   // Custom collective (WarpOp::kCustom): the function and this lane's in/out record.
   WarpCustomFn custom = nullptr;
   void* payload = nullptr;
+  bool custom_orders = false;  // whether it orders memory like __syncwarp (race checker)
   // cp.async: this thread's copies in flight, and how many commit groups it has committed.
   std::vector<AsyncCopy> async_copies;
   uint32_t async_committed = 0;
@@ -522,12 +528,18 @@ class BlockRunner {
   }
 
   // A custom warp collective (see WarpCustomFn): returns once the group has completed.
-  void warp_custom(WarpCustomFn fn, uint8_t kind, void* payload, uint32_t mask, const Site& site) {
+  // `orders_memory`: whether, for the race checker, it orders the lanes' shared-memory accesses
+  // before it with those after it as __syncwarp does (false for mma / ldmatrix, whose .sync
+  // makes lanes wait for each other but is no memory barrier: PTX treats ldmatrix as a weak
+  // memory operation).
+  void warp_custom(WarpCustomFn fn, uint8_t kind, void* payload, uint32_t mask, const Site& site,
+                   bool orders_memory = false) {
     Fiber* f = current_;
     f->op = WarpOp::kCustom;
     f->size = kind;
     f->custom = fn;
     f->payload = payload;
+    f->custom_orders = orders_memory;
     f->mask = mask;
     warp_collective(f, site);
   }
@@ -918,7 +930,9 @@ class BlockRunner {
     } else {
       compute_warp(lanes, group, *candidate);
     }
-    if (racecheck_) record_warp_sync(warp, group);
+    if (racecheck_ && (candidate->op != WarpOp::kCustom || candidate->custom_orders)) {
+      record_warp_sync(warp, group);
+    }
     unsigned ids[32];
     unsigned n = 0;
     for (uint32_t m = group; m != 0; m &= m - 1) ids[n++] = warp * 32 + __builtin_ctz(m);

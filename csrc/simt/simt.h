@@ -2,12 +2,14 @@
 // -std=c++17, built with -DVLMK_SIMT through common/cuda_compat.cuh) run on the CPU with real
 // CUDA barrier and warp semantics. Used for tests only (the `cuda_sim` backend).
 //
-// Not emulated (yet): WMMA / tensor cores (no kernel uses them; nvcuda::wmma could be added here),
-// inline PTX (guard it with `#if !defined(VLMK_SIMT)`), `extern __shared__` (use
-// VLMK_DYNAMIC_SMEM), cooperative groups, dynamic parallelism, device-side assert() (the host's
-// assert aborts the process), spin-waiting on another block of the same launch, and global memory
-// checking (an out-of-bounds access is a host out-of-bounds access; shared accesses made through
-// vlmk::ld_shared / st_shared are bounds-checked under SIMT_RACECHECK=1).
+// Tensor cores: not nvcuda::wmma, but the PTX-level building blocks of common/tensor_core.cuh
+// (mma.sync, ldmatrix, cp.async), emulated in simt/tensor_core.h.
+// Not emulated (yet): WMMA, inline PTX (guard it with `#if !defined(VLMK_SIMT)`), `extern
+// __shared__` (use VLMK_DYNAMIC_SMEM), cooperative groups, dynamic parallelism, device-side
+// assert() (the host's assert aborts the process), spin-waiting on another block of the same
+// launch, and global memory checking (an out-of-bounds access is a host out-of-bounds access;
+// shared accesses made through vlmk::ld_shared / st_shared are bounds-checked under
+// SIMT_RACECHECK=1).
 //
 // Mapping of the CUDA language onto the host:
 //   __global__ __device__ __host__ __constant__ __managed__ __grid_constant__  -> nothing

@@ -8,12 +8,13 @@
 //   the same instruction); the lane that completes the group rebuilds the whole matrices from
 //   each lane's registers with the PTX ISA fragment layout, computes, and hands every lane
 //   exactly the registers the ISA gives it. A fragment-layout bug gives a wrong answer here as
-//   on a GPU. Like the shuffles, a completed collective orders (for SIMT_RACECHECK) what the
-//   lanes did before it with what they do after it.
+//   on a GPU. Their .sync makes the lanes wait for each other, but it is no memory barrier
+//   (PTX: ldmatrix is a weak memory operation): for SIMT_RACECHECK they order nothing, unlike
+//   __syncwarp (and the emulator's shuffles) - a shared-memory write of one lane and an access
+//   of another lane with only an mma / ldmatrix between them is a race.
 // - ldmatrix reads each 16-byte row through the race checker as a read by the lane that
-//   supplied the row's address, before the collective's ordering applies: a row another lane
-//   wrote with no __syncwarp/__syncthreads in between is a race. Rows must be 16-byte aligned
-//   and lie in the block's shared memory.
+//   supplied the row's address: a row another lane wrote with no __syncwarp/__syncthreads in
+//   between is a race. Rows must be 16-byte aligned and lie in the block's shared memory.
 // - mma numerics: bf16/f16 products are exact in fp32; the 16 (8 for tf32) products of a dot
 //   product are added to c in k order with fp32 fmaf. tf32 operands: the low 13 mantissa bits of
 //   each 32-bit register are ignored (truncated), as the tensor core does; to_tf32 rounds to

@@ -161,6 +161,21 @@ __global__ void ldmatrix_probe_kernel(uint32_t* out) {
   for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
 }
 
+// Lane 0 writes a word, then the warp meets at an ldmatrix (kSyncwarp: a __syncwarp), then lane 1
+// reads the word: ldmatrix.sync is a rendezvous, not a memory barrier, so only __syncwarp orders.
+template <bool kSyncwarp>
+__global__ void ldmatrix_is_not_a_barrier_kernel(uint32_t* out) {
+  VLMK_SHARED(uint32_t[64], s);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 64; i += 32) vlmk::st_shared(&s[i], uint32_t(i));
+  __syncthreads();
+  if (lane == 0) vlmk::st_shared(&s[63], 1234u);  // not in a row ldmatrix reads
+  uint32_t r = 0;
+  if (kSyncwarp) __syncwarp();
+  vlmk::tc::ldmatrix_x1(r, &s[(lane % 8) * 4]);
+  out[lane] = r + (lane == 1 ? vlmk::ld_shared(&s[63]) : 0u);
+}
+
 // cp.async double buffering: 64 threads (two warps) stream n_tiles tiles of 64 x 16 bytes through
 // two shared stages (commit per tile, wait<1> for the oldest); each thread reads the 16 bytes its
 // neighbour (tid + 1) % 64 copied (so thread 31 reads warp 1's bytes) into out.

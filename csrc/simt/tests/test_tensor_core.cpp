@@ -272,6 +272,20 @@ SIMT_TEST(ldmatrix_rows_written_by_other_lanes_without_sync_is_a_race) {
   CHECK_CONTAINS(message, "tensor_core_kernels.cuh:");
 }
 
+SIMT_TEST(ldmatrix_is_a_rendezvous_not_a_memory_barrier) {
+  RacecheckScope on(true);
+  std::vector<uint32_t> out(32, 0);
+  CHECK_CUDA(
+      VLMK_LAUNCH((tck::ldmatrix_is_not_a_barrier_kernel<true>), 1, 32, 0, nullptr, out.data()));
+  const cudaError_t e =
+      VLMK_LAUNCH((tck::ldmatrix_is_not_a_barrier_kernel<false>), 1, 32, 0, nullptr, out.data());
+  CHECK_EQ(int(e), int(cudaErrorLaunchFailure));
+  const std::string message = cudaGetErrorString(e);
+  CHECK_CONTAINS(message, "race (write-read)");
+  CHECK_CONTAINS(message, "thread (0,0,0) wrote it");
+  CHECK_CONTAINS(message, "thread (1,0,0) reads it");
+}
+
 // ---- cp.async ---------------------------------------------------------------------------------
 
 namespace {

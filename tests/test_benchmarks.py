@@ -119,11 +119,23 @@ def test_media_mask_variants():
         image_text_attention.build_media_mask("2of4", 1, 4, 4, gen)
 
 
+# Peers that match the spec only for some mask variants (they decline the rest, tested below).
+PEER_VARIANTS = {("image_text_attention", "sdpa_nomask"): ("all",)}
+
+
 def _peer_cases():
     for op, spec in registry.OPS.items():
         for peer in spec.peers:
-            for variant in spec.shapes["tiny"].variants:
+            for variant in PEER_VARIANTS.get((op, peer.name), spec.shapes["tiny"].variants):
                 yield pytest.param(op, peer.name, variant, id=f"{op}-{peer.name}-{variant}")
+
+
+@pytest.mark.parametrize("variant", ["1of4", "causal", "random"])
+def test_sdpa_without_mask_declines_masked_cases(variant):
+    shape = registry.get_shape("image_text_attention", "tiny")
+    inputs = shape.build(variant, torch.float32, CPU, seed=3, requires_grad=False)
+    with pytest.raises(ProviderUnavailable, match="every token sees all"):
+        image_text_attention.prepare_sdpa_nomask(inputs)
 
 
 def _peer_prepare(op: str, name: str):

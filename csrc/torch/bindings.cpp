@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "sim/simt_settings.h"
+#include "torch/image_text_attention_bwd_gpu.h"
 #include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
 #include "torch/ops.h"
@@ -19,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_chunk_schedule_cuda", &vlmk::block_chunk_schedule_cuda, "media_mask"_a, "block_q"_a);
   m.def("image_text_attention_fwd_cuda", &vlmk::image_text_attention_fwd_cuda, "q"_a, "k"_a, "v"_a,
         "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
+  m.def("image_text_attention_bwd_cuda", &vlmk::image_text_attention_bwd_cuda, "grad_out"_a, "q"_a,
+        "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a, "uniform"_a);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
@@ -34,6 +37,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("image_text_attention_cpu_supported", &vlmk::image_text_attention_cpu_supported);
   m.def("image_text_attention_fwd_cuda_sim", &vlmk::image_text_attention_fwd_cuda_sim, "q"_a, "k"_a,
         "v"_a, "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
+  m.def("image_text_attention_bwd_cuda_sim", &vlmk::image_text_attention_bwd_cuda_sim, "grad_out"_a,
+        "q"_a, "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a,
+        "uniform"_a);
   // The SIMT emulator's settings for the cuda_sim launches that follow (the SIMT_* environment
   // variables are read once per process). Arguments left None keep their value; returns the
   // previous settings as a dict, which can be passed back to restore them.

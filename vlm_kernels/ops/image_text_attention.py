@@ -216,13 +216,43 @@ def _compiled_forward(function_name: str):
     return kernel
 
 
+def _compiled_backward(function_name: str):
+    """A backward kernel of vlm_kernels._C (head dims 64/80/96/128)."""
+
+    def kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+        if q.shape[-1] not in CUDA_HEAD_DIMS:
+            raise ValueError(
+                f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
+            )
+        grad_out, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (grad_out, out))
+        function = getattr(_extension()[0], function_name)
+        return function(
+            grad_out,
+            q,
+            k,
+            v,
+            media_mask,
+            out,
+            lse.float(),
+            media_len,
+            scale,
+            empty_rows == "uniform",
+        )
+
+    kernel.__name__ = function_name
+    return kernel
+
+
 CUDA_HEAD_DIMS = (64, 80, 96, 128)
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
-# CUDA: forward kernels (prefill, and split-KV decode for Lq <= 16); their backward is the reference's.
+# CUDA: forward kernels (prefill, and split-KV decode for Lq <= 16) and the tensor-core backward
+# (dq pass + dk/dv pass over the transposed chunk schedule, deterministic).
 TABLE.forward["cuda"] = _compiled_forward("image_text_attention_fwd_cuda")
 TABLE.forward["cuda_sim"] = _compiled_forward("image_text_attention_fwd_cuda_sim")
+TABLE.backward["cuda"] = _compiled_backward("image_text_attention_bwd_cuda")
+TABLE.backward["cuda_sim"] = _compiled_backward("image_text_attention_bwd_cuda_sim")
 
 
 def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows):

@@ -76,3 +76,13 @@ def test_every_config_case_is_well_formed(dry_run):
         assert covered == {
             (d, h) for d in ("float32", "bfloat16", "float16") for h in (64, 80, 96, 128)
         }
+
+
+def test_sweep_runs_every_config_first():
+    """Breadth first: a run cut short after one pass has still run every (kernel, config)."""
+    counts = {"a": 3, "b": 1}
+    order = gpu_check.sweep_order(counts, dry_run=False)
+    first_pass = {(kernel, index) for kernel, index, _ in order[:4]}
+    assert first_pass == {("a", 0), ("a", 1), ("a", 2), ("b", 0)}
+    cases_per_config = sum(len(c) for c in gpu_check.config_cases(False, 0))
+    assert len(order) == 4 * cases_per_config

@@ -24,7 +24,7 @@ Output in DIR (at most 8 files, one sub-folder): report.md, figures.json, logs/{
 bench}.log. Progress goes to stdout.
 
 ``--dry-run`` runs the same plumbing on this CPU (the Triton interpreter and the SIMT emulator, tiny
-shapes, a short test subset, no rebuild for another arch) so that the script cannot rot while no GPU is
+shapes, a short test subset; the build stage only checks that the extension `make build` made imports) so that the script cannot rot while no GPU is
 around; ``make test`` runs it.
 """
 
@@ -143,9 +143,13 @@ def stage_build(result: StageResult, logs: Path, budget_s: float, dry_run: bool)
     env = dict(os.environ)
     env.setdefault("CUDA_HOME", "/usr/local/cuda")
     env["MAX_JOBS"] = str(os.cpu_count() or 1)
-    if not dry_run:  # the local arch only; a dry run keeps the build `make build` made (no rework)
-        env["VLMK_CUDA_ARCHS"] = local_arch()
     command = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    if dry_run:
+        # The extension `make build` made is used as it is: a dry run runs inside `make test` (and
+        # its pytest workers), where rebuilding in place would race the build it is checking.
+        command = [sys.executable, "-c", "import vlm_kernels._C as c; print(c.__file__)"]
+    else:
+        env["VLMK_CUDA_ARCHS"] = local_arch()  # the local arch only
     code, tail = run_logged(command, logs / "build.log", budget_s, env)
     if code != 0:
         result.status, result.summary = "failed", f"exit {code}\n{tail}"
@@ -319,6 +323,25 @@ def run_config_case(case: ConfigCase, device: str) -> None:
     check_against_reference(attention, forward, backward if case.backward else None)
 
 
+def sweep_order(counts: dict[str, int], dry_run: bool) -> list[tuple[str, int, ConfigCase]]:
+    """Every (kernel, config, case) of the sweep, breadth first: the first case of every (kernel,
+    config), then the second of each, ... then the large cases, so that a time-boxed run that stops
+    early has still run every config of every kernel at least once."""
+    per_config = {
+        (kernel, index): [*small, *large]
+        for kernel, count in counts.items()
+        for index in range(count)
+        for small, large in [config_cases(dry_run, index)]
+    }
+    slots = max((len(cases) for cases in per_config.values()), default=0)
+    return [
+        (kernel, index, cases[slot])
+        for slot in range(slots)
+        for (kernel, index), cases in per_config.items()
+        if slot < len(cases)
+    ]
+
+
 def _sweep_configs(counts, device, dry_run, deadline, rows, log_file) -> tuple[int, int]:
     """Runs the (kernel, config, case) sweep into ``rows``; returns (skipped for time, failures)."""
     import torch
@@ -326,37 +349,32 @@ def _sweep_configs(counts, device, dry_run, deadline, rows, log_file) -> tuple[i
     from vlm_kernels.triton._launch import force_triton_config
 
     skipped = failures = 0
-    for phase in ("small", "large"):
-        for kernel, count in counts.items():
-            for index in range(count):
-                cases = config_cases(dry_run, index)[0 if phase == "small" else 1]
-                for case in cases:
-                    if time.monotonic() > deadline:
-                        skipped += 1
-                        continue
-                    started = time.monotonic()
-                    with contextlib.ExitStack() as stack:
-                        for other in counts:  # hold every other kernel at config 0: no autotuning
-                            stack.enter_context(force_triton_config(other, 0))
-                        stack.enter_context(force_triton_config(kernel, index))
-                        try:
-                            run_config_case(case, device)
-                            status, detail = "ok", ""
-                        except Exception as exc:  # AssertionError, or a launch/compile error
-                            status, detail = "FAIL", f"{type(exc).__name__}: {exc}".splitlines()[0]
-                            failures += 1
-                            log_file.write(traceback.format_exc())
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    seconds = time.monotonic() - started
-                    row = dict(kernel=kernel, config=index, case=case.label, status=status)
-                    row.update(seconds=round(seconds, 2), detail=detail[:300])
-                    rows.append(row)
-                    log_file.write(f"{kernel} config {index} {case.label}: {status} {detail}\n")
-                    log_file.flush()
-                    if status != "ok":
-                        log(f"  {kernel} config {index} {case.label}: {detail[:160]}")
-            log(f"configs: {kernel} ({count} configs, {phase} cases) done")
+    for kernel, index, case in sweep_order(counts, dry_run):
+        if time.monotonic() > deadline:
+            skipped += 1
+            continue
+        started = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            for other in counts:  # hold every other kernel at config 0: no autotuning
+                stack.enter_context(force_triton_config(other, 0))
+            stack.enter_context(force_triton_config(kernel, index))
+            try:
+                run_config_case(case, device)
+                status, detail = "ok", ""
+            except Exception as exc:  # AssertionError, or a launch/compile error
+                status, detail = "FAIL", f"{type(exc).__name__}: {exc}".splitlines()[0]
+                failures += 1
+                log_file.write(traceback.format_exc())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row = dict(kernel=kernel, config=index, case=case.label, status=status)
+        row.update(seconds=round(time.monotonic() - started, 2), detail=detail[:300])
+        rows.append(row)
+        log_file.write(f"{kernel} config {index} {case.label}: {status} {detail}\n")
+        log_file.flush()
+        if status != "ok":
+            log(f"  {kernel} config {index} {case.label}: {detail[:160]}")
+    log(f"configs: {len(rows)} runs, {failures} failed, {skipped} skipped for time")
     return skipped, failures
 
 

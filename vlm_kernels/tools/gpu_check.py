@@ -515,7 +515,7 @@ def write_report(out: Path, info: dict, stages: list[StageResult], total_s: floa
         lines += [
             "",
             f"## image_text_attention, bf16 (device bf16 matmul: "
-            f"{bench.figures['matmul_bf16_tflops']:.0f} TFLOP/s)",
+            f"{bench.figures['matmul_bf16_tflops']:.3g} TFLOP/s)",
             "",
             "| shape | mask | mode | provider | median ms | vs SDPA | visible TFLOP/s | of matmul | note |",
             "|---|---|---|---|---:|---:|---:|---:|---|",

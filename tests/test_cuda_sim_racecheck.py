@@ -83,15 +83,20 @@ def test_bad_settings_are_rejected():
 
 
 # (batch, Lq, Hq, Hkv, Dh, chunks, media_len, mask kind, empty_rows): prefill (Lq > 16) with a
-# partial last slot tile, GQA and both empty-row modes; decode (Lq <= 16) with a single split and
-# with several splits + the combine kernel (the emulated device has 132 SMs: few blocks, many
-# splits), and more than one slot tile per decode block (Lq * G > 16).
+# partial last slot tile, GQA/MQA, several blocks and both empty-row modes; decode (Lq <= 16) with a
+# single split and with several splits + the combine kernel (the emulated device has 132 SMs: few
+# blocks, many splits, most of them empty when few key tiles are visible), and more than one slot
+# tile of 64 rows per decode block (Lq * G > 64). The tensor-core kernels double-buffer K/V with
+# cp.async: a missing wait reads poison, a missing barrier around a stage is a reported race.
 ATTENTION_CASES = [
     (1, 33, 8, 2, 64, 3, 17, "random", "zero"),
     (1, 20, 4, 4, 80, 2, 33, "runs", "uniform"),
     (1, 5, 8, 2, 64, 4, 65, "random", "zero"),
     (2, 1, 4, 1, 96, 3, 40, "random", "uniform"),
     (1, 16, 4, 4, 128, 1, 20, "all", "zero"),
+    (1, 97, 4, 1, 96, 3, 17, "gappy", "zero"),
+    (1, 2, 8, 2, 80, 12, 33, "runs", "uniform"),
+    (1, 9, 32, 4, 64, 2, 40, "random", "zero"),
 ]
 
 
@@ -108,6 +113,19 @@ def test_image_text_attention_is_race_free(case, dtype):
     attention = make_case(*dims, dtype=dtype, mask_kind=kind, empty_rows=empty_rows)
     with simt_settings(racecheck=True):
         check_against_reference(attention, forward)
+
+
+def test_unaligned_inputs_are_race_free():
+    """q/k/v off 16-byte alignment: K/V tiles are staged by plain element stores instead of cp.async
+    (still committed as a group), under the checker."""
+    case = make_case(1, 20, 4, 2, 64, 3, 17, dtype=torch.float16)
+    wide = torch.randn(2, 51, 2, 65).to(torch.float16)
+    wide[0, :, :, 1:] = case.k
+    wide[1, :, :, 1:] = case.v
+    case.k, case.v = wide[0:1, :, :, 1:], wide[1:2, :, :, 1:]
+    assert case.k.data_ptr() % 16 != 0
+    with simt_settings(racecheck=True):
+        check_against_reference(case, forward)
 
 
 # Every thread order must give the right answer; the checker stays on (a race it would report

@@ -8,12 +8,14 @@
 //   A row that sees no key: out = 0, lse = -inf; with `uniform` a row that sees no chunk attends
 //   to all Lk keys instead (Hugging Face Mllama). Softmax in float32; GQA/MQA.
 //
-// Two paths, chosen by the launcher: a prefill kernel (Lq > kImageTextAttentionDecodeMaxQueryLen)
-// with one thread block per tile of query rows, and a split-KV decode kernel whose blocks each
-// take one range of keys for every query row of a kv head, followed by a combine kernel when the
-// keys are split more than once. Both visit only the media chunks that some query row of the block
-// may see. Kernels and launcher: image_text_attention.cu; the same source runs on the CPU through
-// the SIMT emulator (namespace vlmk::sim, csrc/sim/image_text_attention_sim.cpp).
+// Two paths, chosen by the launcher, both FA2-style on tensor cores (mma.sync m16n8k16 for
+// bf16/fp16, 3xTF32 m16n8k8 for float32): a prefill kernel (Lq >
+// kImageTextAttentionDecodeMaxQueryLen) with one thread block per tile of 64 (query, head) rows,
+// and a split-KV decode kernel whose blocks each take an even share of the *visible* key tiles of a
+// kv head (every query row of the GQA group packed into the row tile), followed by a combine kernel
+// when there is more than one split. Both visit only the media chunks that some query row of the
+// block may see. Kernels and launcher: image_text_attention.cu; the same source runs on the CPU
+// through the SIMT emulator (namespace vlmk::sim, csrc/sim/image_text_attention_sim.cpp).
 //
 // Torch-free: shared by the CUDA build, the emulator build and the torch glue.
 #pragma once
@@ -29,7 +31,7 @@ enum class ImageTextAttentionDtype : int32_t {
 };
 
 // Tile sizes the host needs for planning (the kernels use the same constants).
-constexpr int kImageTextAttentionBlockN = 32;  // keys per K/V tile staged in shared memory
+constexpr int kImageTextAttentionBlockN = 32;  // keys per K/V tile (16-bit types; float32: 8)
 constexpr int kImageTextAttentionDecodeMaxQueryLen = 16;  // Lq <= this: split-KV decode path
 constexpr int kImageTextAttentionMaxSplits = 256;         // most key splits of the decode path
 
@@ -79,33 +81,34 @@ struct ImageTextAttentionParams {
   ImageTextAttentionDtype dtype;  // element type of q, k, v and out
 
   // Decode path only (query_len <= kImageTextAttentionDecodeMaxQueryLen), set by
-  // plan_image_text_attention_decode: keys [s * split_len, min(Lk, (s + 1) * split_len)) form split
-  // s.
-  int64_t num_splits;  // >= 1; 1 writes out/lse directly, > 1 goes through the workspace
-  int64_t split_len;   // keys per split, a multiple of kImageTextAttentionBlockN
+  // plan_image_text_attention_decode. A decode block counts the key tiles its rows can see (the
+  // chunk schedule, no key is read for it) and split s takes tiles [s * T / S, (s + 1) * T / S) of
+  // those T visible tiles, so the work is split evenly over the visible keys only; a split with no
+  // tile writes an empty partial (lse -inf) that the combine ignores.
+  int64_t num_splits;  // S >= 1; 1 writes out/lse directly, > 1 goes through the workspace
 };
 
 inline bool image_text_attention_uses_decode(const ImageTextAttentionParams& p) {
   return p.query_len <= kImageTextAttentionDecodeMaxQueryLen;
 }
 
-// Chooses num_splits and split_len for the decode path so that the grid (splits x Hkv x B) fills
-// about two waves of `num_sms` multiprocessors, with at least one K/V tile per split. Sets 1 split
-// on the prefill path. The caller then allocates image_text_attention_workspace_floats() floats.
+// Chooses num_splits for the decode path so that the grid (splits x Hkv x B) fills about two
+// waves of `num_sms` multiprocessors, capped by the key tiles (at most one split per tile of 32
+// keys). The mask lives on the device, so the host bounds the visible work by Lk; each block then
+// splits the tiles its rows actually see (min(S, visible tiles) splits do work, the others exit
+// after the schedule scan). Sets 1 split on the prefill path. The caller then allocates
+// image_text_attention_workspace_floats() floats.
 inline void plan_image_text_attention_decode(ImageTextAttentionParams& p, int num_sms) {
   const int64_t tile = kImageTextAttentionBlockN;
   const int64_t key_tiles = (p.key_len + tile - 1) / tile;
   p.num_splits = 1;
-  p.split_len = (key_tiles > 0 ? key_tiles : 1) * tile;
   if (!image_text_attention_uses_decode(p) || key_tiles <= 1) return;
   const int64_t blocks = p.batch * p.heads_kv;
   int64_t splits = blocks > 0 ? (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks : 1;
   if (splits > key_tiles) splits = key_tiles;
   if (splits > kImageTextAttentionMaxSplits) splits = kImageTextAttentionMaxSplits;
   if (splits < 1) splits = 1;
-  const int64_t tiles_per_split = (key_tiles + splits - 1) / splits;
-  p.split_len = tiles_per_split * tile;
-  p.num_splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;
+  p.num_splits = splits;
 }
 
 // Floats of decode workspace the launch needs (partial_out then partial_lse); 0 when none.

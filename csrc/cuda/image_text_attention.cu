@@ -45,6 +45,8 @@
 // cp.async follow the PTX fragment layouts lane by lane (common/tensor_core.cuh). Shared memory is
 // read and written through ld_shared / st_shared / ldmatrix / cp.async so that the emulator's race
 // checker sees every access.
+// gpu-report: *image_text_attention_prefill_kernel* tensor_cores
+// gpu-report: *image_text_attention_decode_kernel* tensor_cores
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>

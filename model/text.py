@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vlm_kernels as vk
 from model.config import ModelConfig
 from vlm_kernels import nn as vkn
 
@@ -135,13 +136,12 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = FeedForward(config.dim, config.ffn_hidden)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, media_mask, image_kv: ImageKV, media_len: int) -> torch.Tensor:
-        """x [B, L, D], media_mask [B, L, M] bool, image_kv ([B, M*media_len, Hkv, Dh] x 2) -> [B, L, D]."""
-        attended = self.cross_attn(
-            self.input_layernorm(x), media_mask, image_kv, media_len, empty_rows="zero"
-        )
+    def forward(self, x, media: vk.MediaSchedule, image_kv: ImageKV) -> torch.Tensor:
+        """x [B, L, D], media: the schedule of the media mask [B, L, M] (built once per forward by the
+        decoder, empty_rows="zero"), image_kv ([B, M*media_len, Hkv, Dh] x 2) -> [B, L, D]."""
+        attended = self.cross_attn(self.input_layernorm(x), media, image_kv)
         x = x + self.cross_attn_attn_gate.tanh() * attended
-        sees_media = media_mask.any(-1, keepdim=True)  # (B, L, 1)
+        sees_media = media.media_mask.any(-1, keepdim=True)  # (B, L, 1)
         update = self.mlp(self.post_attention_layernorm(x)) * sees_media
         return x + self.cross_attn_mlp_gate.tanh() * update
 
@@ -202,12 +202,14 @@ class TextDecoder(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = self.tok_embeddings(input_ids)  # (B, L, D)
+        # One media schedule per forward, shared by every cross-attention block.
+        media = vk.MediaSchedule(media_mask, media_len=media_len, empty_rows="zero")
         cross = dict(
             zip(self.cross_layer_ids, zip(self.cross_layers, image_kv, strict=True), strict=True)
         )
         for index, layer in enumerate(self.layers):
             if index in cross:
                 block, kv = cross[index]
-                x = block(x, media_mask, kv, media_len)
+                x = block(x, media, kv)
             x = layer(x, cos, sin, input_pos)
         return self.output(self.norm(x)).float()

@@ -105,7 +105,7 @@ def test_media_mask_in_the_model_equals_the_builder(model, tokenizer, data):
     batch = eval_batch("interleaved", data, tokenizer, 3, interleaved_images=3)
     seen = []
     hook = model.decoder.cross_layers[0].cross_attn.register_forward_hook(
-        lambda module, args, out: seen.append(args[1])
+        lambda module, args, out: seen.append(args[1].media_mask)  # the layer gets the schedule
     )
     try:
         model(batch.input_ids, batch.media)
@@ -118,6 +118,42 @@ def test_media_mask_in_the_model_equals_the_builder(model, tokenizer, data):
         [[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]
     ).bool()
     assert torch.equal(seen[0][0], by_hand)
+
+
+def test_one_media_schedule_per_model_forward(tokenizer, data, monkeypatch):
+    """The decoder builds the media schedule once per forward and hands the same object to every
+    cross-attention layer (prefill and each decode step alike)."""
+    config = dataclasses.replace(TINY, model_overrides={"cross_attention_every": 1})
+    model = build_model(config, tokenizer).eval()
+    assert len(model.decoder.cross_layers) >= 2
+    builds = []
+    original_init = vk.MediaSchedule.__init__
+
+    def counting_init(self, *args, **kwargs):
+        builds.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(vk.MediaSchedule, "__init__", counting_init)
+    received = []
+    hooks = [
+        block.cross_attn.register_forward_hook(lambda module, args, out: received.append(args[1]))
+        for block in model.decoder.cross_layers
+    ]
+    try:
+        batch = eval_batch("interleaved", data, tokenizer, 2, interleaved_images=2)
+        model(batch.input_ids, batch.media)
+        assert len(builds) == 1
+        assert len(received) == len(model.decoder.cross_layers)
+        assert all(schedule is builds[0] for schedule in received)
+        builds.clear()
+        prompt = prompt_through_last_image(batch, tokenizer)
+        out = generate(model, prompt, batch.media, 3)
+        steps = out.shape[1] - prompt.shape[1]
+        assert steps >= 1
+        assert len(builds) == steps  # one per decode step, whatever the number of layers
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_text_before_the_first_image_passes_unchanged(model, tokenizer, data):

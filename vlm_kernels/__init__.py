@@ -4,6 +4,7 @@
     vk.patch_embed(pixels, weight, bias, cls_token=..., pos_embed=..., pixel_mean=..., pixel_std=...)
     vk.concat_project(features, weight, bias)
     vk.image_text_attention(q, k, v, media_mask, media_len=...)
+    vk.image_text_attention(q, k, v, vk.MediaSchedule(media_mask, media_len=...))  # shared by layers
     vk.perceiver_attention(q, k_media, v_media, k_latents, v_latents, media_padding_mask=...)
     vk.available_backends()
 
@@ -14,6 +15,7 @@ VLMK_BACKEND overrides "auto". Each is a ``torch.library`` custom op in the ``vl
 from vlm_kernels import masks, nn
 from vlm_kernels._backends import BACKENDS, available_backends
 from vlm_kernels.ops import (
+    MediaSchedule,
     block_chunk_schedule,
     concat_project,
     image_text_attention,
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "MediaSchedule",
     "available_backends",
     "block_chunk_schedule",
     "concat_project",

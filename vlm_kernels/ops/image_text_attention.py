@@ -5,6 +5,9 @@
 
 The public function validates, then calls the custom op ``vlmk::image_text_attention``; its backward is
 the custom op ``vlmk::image_text_attention_backward``. Backends: see ``TABLE`` at the bottom.
+
+A ``vk.MediaSchedule`` may stand in for the mask (built once, shared by every layer): the public
+function unpacks it into the op's tensor arguments (``vlm_kernels.ops.media_schedule`` says why).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from vlm_kernels._checks import (
     check_tensor,
 )
 from vlm_kernels.ops._registry import kernel_table
+from vlm_kernels.ops.media_schedule import MediaSchedule
 from vlm_kernels.reference.image_text_attention import (
     image_text_attention_backward_reference,
     image_text_attention_reference,
@@ -36,11 +40,11 @@ def image_text_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    media_mask: torch.Tensor,
+    media_mask: torch.Tensor | MediaSchedule,
     *,
-    media_len: int,
+    media_len: int | None = None,
     scale: float | None = None,
-    empty_rows: str = "zero",
+    empty_rows: str | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Cross-attention of text tokens to media tokens, each token seeing only its own media chunks.
@@ -49,22 +53,85 @@ def image_text_attention(
         q: [B, Lq, Hq, Dh] queries; any strides with a contiguous last dim (e.g. a slice of fused qkv).
         k, v: [B, Lk, Hkv, Dh] keys and values of the media tokens, ``Hq % Hkv == 0`` (GQA/MQA).
         media_mask: [B, Lq, M] bool, True where text token t may attend to media chunk m (an image or
-            a tile); build it with ``vlm_kernels.masks``.
-        media_len: tokens per media chunk; ``Lk`` must equal ``M * media_len``.
+            a tile); build it with ``vlm_kernels.masks``. Or a ``vk.MediaSchedule`` of such a mask,
+            built once and shared by every layer (its chunk schedules are then not rebuilt per call);
+            the result is identical to the plain-mask call.
+        media_len: tokens per media chunk; ``Lk`` must equal ``M * media_len``. Required with a plain
+            mask; with a schedule it comes from the schedule (if given too, it must agree).
         scale: softmax scale, default ``Dh ** -0.5``.
         empty_rows: "zero" (rows that see no chunk output 0, with 0 gradient) or "uniform" (such rows
-            attend to all Lk keys, as Hugging Face Mllama's additive mask makes them).
+            attend to all Lk keys, as Hugging Face Mllama's additive mask makes them). Default "zero"
+            with a plain mask; with a schedule it comes from the schedule (if given, it must agree).
         backend: None/"auto", "reference", "cpu", "triton", "cuda" or "cuda_sim".
 
     Returns:
         [B, Lq, Hq, Dh] in q's dtype. Softmax in float32.
     """
     backend = check_backend(backend)
+    schedule = media_mask if isinstance(media_mask, MediaSchedule) else None
+    if schedule is not None:
+        if media_len is not None and media_len != schedule.media_len:
+            raise ValueError(
+                f"media_len={media_len!r} disagrees with the MediaSchedule's media_len="
+                f"{schedule.media_len}; pass the schedule alone (media_len comes from it)"
+            )
+        if empty_rows is not None and empty_rows != schedule.empty_rows:
+            raise ValueError(
+                f"empty_rows={empty_rows!r} disagrees with the MediaSchedule's empty_rows="
+                f"{schedule.empty_rows!r}; build the schedule with the mode you want"
+            )
+        media_mask, media_len, empty_rows = (
+            schedule.media_mask,
+            schedule.media_len,
+            schedule.empty_rows,
+        )
+    elif media_len is None:
+        raise ValueError(
+            "media_len is required with a plain media_mask (or pass a vk.MediaSchedule, which holds it)"
+        )
+    empty_rows = "zero" if empty_rows is None else empty_rows
     _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out, _ = image_text_attention_op(q, k, v, media_mask, media_len, scale, empty_rows, backend)
+    if schedule is None:
+        out, _ = image_text_attention_op(q, k, v, media_mask, media_len, scale, empty_rows, backend)
+        return out
+    out, _ = image_text_attention_op(
+        q,
+        k,
+        v,
+        schedule.kernel_mask,
+        media_len,
+        scale,
+        empty_rows,
+        backend,
+        *_schedule_tensors(schedule, q, k, v, backend),
+    )
     return out
+
+
+@torch.compiler.assume_constant_result
+def _resolved_backend(device: torch.device, backend: str, dtype: torch.dtype) -> str:
+    """The backend the op will run (a constant while tracing: it probes the machine, not tensors)."""
+    return TABLE._backend(device, backend, dtype)
+
+
+def _schedule_tensors(
+    schedule: MediaSchedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, ...]:
+    """The schedule tensors the backend that will run reads, as the op's optional arguments: for the
+    Triton kernels the forward schedule of the query block its launcher will run, and, when a
+    gradient is needed, the backward's dq schedule and transposed (dk/dv) schedule. The C++ backends
+    build theirs inside the kernel (they take ``kernel_mask`` only); the reference needs none."""
+    if _resolved_backend(q.device, backend, q.dtype) != "triton":
+        return ()
+    from vlm_kernels.triton.image_text_attention import schedule_blocks
+
+    forward_block, dq_block, dkdv_block = schedule_blocks(q)
+    tensors = schedule.chunk_schedule(forward_block)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        tensors += schedule.chunk_schedule(dq_block) + schedule.transposed_schedule(dkdv_block)
+    return tensors
 
 
 def _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows) -> None:
@@ -113,14 +180,28 @@ def image_text_attention_op(
     scale: float,
     empty_rows: str,
     backend: str,
+    chunk_count: torch.Tensor | None = None,
+    chunk_ids: torch.Tensor | None = None,
+    dq_chunk_count: torch.Tensor | None = None,
+    dq_chunk_ids: torch.Tensor | None = None,
+    qb_count: torch.Tensor | None = None,
+    qb_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [B, Lq, Hq, Dh], lse [B, Hq, Lq] float32, -inf on zeroed rows)."""
+    """Returns (out [B, Lq, Hq, Dh], lse [B, Hq, Lq] float32, -inf on zeroed rows).
+
+    The optional tensors are a ``MediaSchedule``'s, unpacked (then ``media_mask`` is its kernel mask):
+    the forward chunk schedule and, for the backward, the dq and transposed schedules (the Triton
+    kernels read them; the other backends ignore them)."""
     kernel = TABLE.forward_for(q.device, backend, q.dtype)
+    if chunk_count is not None and kernel is _forward_triton:
+        return kernel(
+            q, k, v, media_mask, media_len, scale, empty_rows, schedule=(chunk_count, chunk_ids)
+        )
     return kernel(q, k, v, media_mask, media_len, scale, empty_rows)
 
 
 @image_text_attention_op.register_fake
-def _(q, k, v, media_mask, media_len, scale, empty_rows, backend):
+def _(q, k, v, media_mask, media_len, scale, empty_rows, backend, *schedule):
     batch, query_len, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, query_len), dtype=torch.float32)
 
@@ -138,31 +219,42 @@ def image_text_attention_backward_op(
     scale: float,
     empty_rows: str,
     backend: str,
+    dq_chunk_count: torch.Tensor | None = None,
+    dq_chunk_ids: torch.Tensor | None = None,
+    qb_count: torch.Tensor | None = None,
+    qb_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) shaped like q, k, v."""
+    """Returns (dq, dk, dv) shaped like q, k, v. The optional tensors: a ``MediaSchedule``'s dq and
+    transposed schedules (the Triton kernels read them)."""
     kernel = TABLE.backward_for(q.device, backend, q.dtype)
-    return kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows)
+    args = (grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows)
+    if dq_chunk_count is not None and kernel is _backward_triton:
+        return kernel(*args, schedule=(dq_chunk_count, dq_chunk_ids, qb_count, qb_ids))
+    return kernel(*args)
 
 
 @image_text_attention_backward_op.register_fake
-def _(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, backend):
+def _(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, backend, *schedule):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, media_mask, media_len, scale, empty_rows, backend = inputs
+    q, k, v, media_mask, media_len, scale, empty_rows, backend = inputs[:8]
+    # The backward's schedules (a MediaSchedule's dq and transposed schedules), when given.
+    backward_schedule = tuple(inputs[10:14]) if len(inputs) >= 14 else (None,) * 4
     out, lse = output
-    ctx.save_for_backward(q, k, v, media_mask, out, lse)
+    ctx.save_for_backward(q, k, v, media_mask, out, lse, *backward_schedule)
     ctx.args = (media_len, scale, empty_rows, backend)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, media_mask, out, lse = ctx.saved_tensors
+    q, k, v, media_mask, out, lse, *backward_schedule = ctx.saved_tensors
     dq, dk, dv = image_text_attention_backward_op(
-        grad_out.contiguous(), q, k, v, media_mask, out, lse, *ctx.args
+        grad_out.contiguous(), q, k, v, media_mask, out, lse, *ctx.args, *backward_schedule
     )
-    return dq, dk, dv, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 image_text_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -255,17 +347,21 @@ TABLE.backward["cuda"] = _compiled_backward("image_text_attention_bwd_cuda")
 TABLE.backward["cuda_sim"] = _compiled_backward("image_text_attention_bwd_cuda_sim")
 
 
-def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows):
+def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows, schedule=None):
     from vlm_kernels.triton.image_text_attention import image_text_attention_fwd_triton
 
-    return image_text_attention_fwd_triton(q, k, v, media_mask, media_len, scale, empty_rows)
+    return image_text_attention_fwd_triton(
+        q, k, v, media_mask, media_len, scale, empty_rows, schedule=schedule
+    )
 
 
-def _backward_triton(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+def _backward_triton(
+    grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, schedule=None
+):
     from vlm_kernels.triton.image_text_attention import image_text_attention_bwd_triton
 
     return image_text_attention_bwd_triton(
-        grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows
+        grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, schedule=schedule
     )
 
 

@@ -12,6 +12,14 @@ A kernel module declares, at import, the config lists each kernel is launched wi
   ``python -m vlm_kernels.tools.gpu_check`` (GPU) walk ``range(triton_config_counts()[name])`` so that
   every config of every list runs against the reference, not only the one the autotuner picks.
 
+Tuning policy: a kernel is tuned once per *bucket*, not per shape. The autotuner's key is the
+launcher's ``tune_key`` (argument names) with every integer value rounded up to a power of two, plus
+the tensor arguments' dtypes, so a new image count M or decode length does not re-tune (M = 1..8 is
+four buckets: 1, 2, 4, 8). A launch given a one-config list (a launcher that picks its config by a
+heuristic, e.g. the split-KV decode kernels) runs it directly, with no autotuner at all. Each tuning
+pass the GPU would run is counted (``tuning_passes()``), under the interpreter too, where nothing is
+benchmarked: tests bound the count.
+
 Kernel names are those of the compile report's families (``"image_text_attention_fwd"``,
 ``"block_chunk_schedule"``...), one per ``@triton.jit`` function.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -30,6 +39,9 @@ from triton.runtime.interpreter import InterpretedFunction
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 _declared: dict[str, int] = {}  # kernel name -> longest declared config list
+_tuning_keys: dict[
+    str, set
+] = {}  # kernel name -> the (configs, bucket key) it was (or would be) tuned at
 _forced: dict[str, int] = {}  # kernel name -> forced index, while a force_triton_config is active
 _lock = threading.Lock()
 
@@ -94,9 +106,44 @@ def interpreting(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def tune_bucket(value):
+    """The autotune key of one argument value: an int rounded up to a power of two (0 and 1 stay),
+    anything else (a dtype name, a precision string) as it is."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 1:
+        return value
+    return 1 << (value - 1).bit_length()
+
+
 @functools.cache
-def _autotuner(kernel, configs: tuple[triton.Config, ...], key: tuple[str, ...]):
-    return triton.autotune(configs=list(configs), key=list(key))(kernel)
+def _param_names(kernel) -> tuple[str, ...]:
+    return tuple(inspect.signature(kernel.fn).parameters)
+
+
+def tuning_key(kernel, args: Sequence, constexprs: dict, tune_key: Sequence[str]) -> tuple:
+    """The bucketed key a launch of ``kernel(*args, **constexprs)`` is tuned at (see the module
+    docstring): ``(name, bucket)`` per ``tune_key`` name, then the dtypes of the tensor arguments."""
+    values = dict(zip(_param_names(kernel), args, strict=False)) | constexprs
+    key = tuple((name, tune_bucket(values[name])) for name in tune_key)
+    return key + tuple(str(arg.dtype) for arg in args if hasattr(arg, "dtype"))
+
+
+def tuning_passes() -> dict[str, int]:
+    """Kernel name -> how many tuning passes its launches so far ran (on a GPU) or would have run
+    (under the interpreter, which benchmarks nothing): one per distinct config list and bucket key."""
+    return {name: len(keys) for name, keys in sorted(_tuning_keys.items())}
+
+
+def reset_tuning_passes() -> None:
+    """Forgets the counted tuning keys (tests); the GPU autotuners keep their tuned configs."""
+    _tuning_keys.clear()
+
+
+@functools.cache
+def _autotuner(kernel, configs: tuple[triton.Config, ...], key: tuple):
+    """One autotuner per (kernel, config list, bucket key): it benchmarks on its first launch and
+    serves every later launch of the bucket. Its own key is empty: the bucket is the key."""
+    del key  # part of the cache key only
+    return triton.autotune(configs=list(configs), key=[])(kernel)
 
 
 def launch(
@@ -113,13 +160,21 @@ def launch(
     """Runs ``kernel[grid](*args, **constexprs)`` at a config of ``configs``: the forced one, else
     the first (interpreter) or the autotuner's pick among ``tune_configs`` (default ``configs``;
     a launcher whose host-side setup fixes part of the config narrows the list this way, while a
-    forced index still counts in the whole ``configs``). ``grid(meta)`` sees the running config's
-    constexprs (under the autotuner: Triton's bound arguments, the same names)."""
+    forced index still counts in the whole ``configs``; a one-config ``tune_configs`` is a heuristic's
+    pick and runs without an autotuner). ``tune_key``: the argument names whose bucketed values key
+    the tuning (``tuning_key``). ``grid(meta)`` sees the running config's constexprs (under the
+    autotuner: Triton's bound arguments, the same names)."""
     declared = _declared.get(name)
     if declared is None or len(configs) > declared:
         raise RuntimeError(f"launch({name!r}): configs not declared with declare_configs")
     tune_configs = tuple(tune_configs or configs)
     config = forced_config(name, configs)
+    if config is None and len(tune_configs) == 1:
+        config = tune_configs[0]  # a heuristic's pick (or a one-config list): no autotuner
+    key = None
+    if config is None:
+        key = tuning_key(kernel, args, constexprs, tune_key)
+        _tuning_keys.setdefault(name, set()).add((tuple(map(str, tune_configs)), key))
     if interpreting(kernel):
         _patch_interpreter_scalar_index()
         meta = {**constexprs, **(config or tune_configs[0]).kwargs}
@@ -129,7 +184,7 @@ def launch(
         # all_kwargs(): the constexprs plus num_warps/num_stages/... as the autotuner passes them.
         kernel[grid(meta)](*args, **constexprs, **config.all_kwargs())
     else:
-        _autotuner(kernel, tune_configs, tuple(tune_key))[grid](*args, **constexprs)
+        _autotuner(kernel, tune_configs, key)[grid](*args, **constexprs)
 
 
 # ---- interpreter compatibility --------------------------------------------------------------------

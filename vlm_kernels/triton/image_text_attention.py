@@ -11,7 +11,8 @@ Rows that see nothing: out = 0, lse = -inf, zero gradients (empty_rows="zero"); 
 empty_rows="uniform" such a row sees every chunk (the launchers OR ``~media_mask.any(-1)`` into the mask
 on the host, the Hugging Face Mllama behaviour), so the kernels themselves know one rule only.
 
-Chunk skipping. ``block_chunk_schedule_triton(media_mask, BLOCK_M)`` lists, per block of BLOCK_M query
+Chunk skipping. ``block_chunk_schedule_triton(media_mask, BLOCK_M)`` (or a ``vk.MediaSchedule``'s
+cached copy, passed in by the op) lists, per block of BLOCK_M query
 rows, the chunks some row of the block sees (ascending, count first). A forward program walks the key
 tiles of those chunks only: tiles start at the chunk's first key and step by BLOCK_N (a chunk's last
 tile is masked at its tail), so a tile lies in one chunk and each row needs one mask bit per tile. Keys
@@ -31,9 +32,12 @@ Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softma
 
 Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; float32 inputs keep
 float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``). The
-forward and backward are deterministic (no atomics). GPU launches are autotuned over configs that
+forward and backward are deterministic (no atomics). GPU launches pick among configs that
 ``python -m vlm_kernels.tools.gpu_report`` compiles for sm_80 and sm_90a with zero spills (registered
-at the bottom); under TRITON_INTERPRET=1 each kernel runs the first config of its list. Launches go
+at the bottom): the prefill and backward kernels autotuned once per bucket of (head dim, dtype,
+power-of-two buckets of media_len and M; ``_TUNE_KEY``), the decode kernels by a heuristic with no
+autotuner (``_decode_config``); under TRITON_INTERPRET=1 each kernel runs the first config of its list
+(decode: the heuristic's). Launches go
 through ``vlm_kernels.triton._launch``: ``force_triton_config(name, i)`` runs config i instead (the
 names are the keys of ``_kernel_configs``).
 
@@ -53,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vlm_kernels.ops.media_schedule import block_visibility, effective_mask, one_block_schedule
 from vlm_kernels.triton._launch import declare_configs, forced_config, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
 from vlm_kernels.triton.block_chunk_schedule import block_chunk_schedule_triton
@@ -734,9 +739,29 @@ _DQ_CONFIGS = {
 _COMBINE_CONFIGS = (triton.Config({"COMBINE_R": 16}, num_warps=2, num_stages=2),)
 _PREPROCESS_CONFIGS = (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),)
 
-# A tuned config serves every call with the same chunk geometry and head dim (the autotuner adds the
-# dtypes); Lq and B change the grid, not the best tile.
+# The prefill and backward kernels are tuned per bucket of this key (``_launch.tuning_key``: each int
+# rounded up to a power of two, plus the dtypes): a tuned config serves every call with the same
+# head dim, dtype and power-of-two buckets of media_len and of the image count M, so a new image count
+# re-tunes only when it crosses a power of two; Lq and B change the grid, not the best tile. The
+# decode kernels are never tuned: ``_decode_config`` picks their config.
 _TUNE_KEY = ("media_len", "M", "HEAD_DIM", "INPUT_PRECISION")
+
+
+def _decode_config(tiles: _Tiles, head_dim: int, block_r: int) -> triton.Config:
+    """The split-KV kernel's config, by heuristic (no autotuner: a decode step must not run a tuning
+    pass, nor launch through the Python autotuner, and must be graph-capturable). float32 has one
+    config. 16-bit: K/V bandwidth is what decode spends, so the widest tile whose registers fit —
+    BLOCK_N=128 (one stage) for head dims up to 64, else 64 keys at 8 warps, with a third pipeline
+    stage when the rows are few (block_r <= 32: registers to spare). gpu_check's every-config sweep
+    measures the alternatives."""
+    configs = _DECODE_CONFIGS[tiles.decode_max_rows]
+    if len(configs) == 1:
+        return configs[0]
+    wanted = (128, 8, 1) if head_dim <= 64 else (64, 8, 3) if block_r <= 32 else (64, 8, 2)
+    for config in configs:
+        if (config.kwargs["BLOCK_N"], config.num_warps, config.num_stages) == wanted:
+            return config
+    raise AssertionError(f"decode config {wanted} is not in the declared list")  # pragma: no cover
 
 
 def _kernel_configs(tiles: _Tiles) -> dict[str, tuple[triton.Config, ...]]:
@@ -793,9 +818,7 @@ def _check_runnable(q: torch.Tensor, empty_rows: str) -> None:
 
 def _effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
     """The mask the kernels read: with "uniform", a row that sees no chunk sees them all."""
-    if empty_rows == "uniform":
-        return media_mask | ~media_mask.any(-1, keepdim=True)
-    return media_mask
+    return effective_mask(media_mask, empty_rows)
 
 
 def _tiles(dtype: torch.dtype) -> _Tiles:
@@ -828,6 +851,37 @@ def _prefill_block_m(q: torch.Tensor) -> int:
     return block_ms[-1] if programs >= 2 * _sm_count(q.device) else block_ms[0]
 
 
+def _forward_block(q: torch.Tensor) -> int:
+    """The query block the forward's chunk schedule is built for: Lq on the decode path (one block
+    holding every row), else the BLOCK_M of the prefill config that will run (forced, or the
+    heuristic's)."""
+    query_len = q.shape[1]
+    return query_len if query_len <= DECODE_MAX_QUERY_LEN else _prefill_block(q)
+
+
+def _prefill_block(q: torch.Tensor) -> int:
+    """The BLOCK_M of the prefill config that will run: the forced config's, else the heuristic's."""
+    configs = _kernel_configs(_tiles(q.dtype))["image_text_attention_fwd"]
+    forced = forced_config("image_text_attention_fwd", configs)
+    return forced.kwargs["BLOCK_M"] if forced is not None else _prefill_block_m(q)
+
+
+def schedule_blocks(q: torch.Tensor) -> tuple[int, int, int]:
+    """``(forward block, dq block, dk/dv block)``: the query-block sizes whose schedules the launchers
+    read for queries like ``q`` (a ``MediaSchedule`` builds these and no others)."""
+    tiles = _tiles(q.dtype)
+    return _forward_block(q), tiles.dq_block_m, tiles.dkdv_block_m
+
+
+def _given_schedule(schedule, query_len: int, block_q: int):
+    """``schedule`` (count, ids) when it was built for blocks of ``block_q`` rows (its number of
+    query blocks tells: two block sizes give the same count only when both are one block, the same
+    schedule), else None (the launcher builds its own)."""
+    if schedule is None or schedule[0].shape[1] != triton.cdiv(query_len, block_q):
+        return None
+    return schedule
+
+
 def _mask_args(media_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     mask_u8 = media_mask.view(torch.uint8)  # same element size as bool: strides carry over
     return mask_u8, mask_u8.stride()
@@ -841,9 +895,14 @@ def image_text_attention_fwd_triton(
     media_len: int,
     scale: float,
     empty_rows: str,
+    schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Lq, Hq, Dh] contiguous in q's dtype, lse [B, Hq, Lq] float32)``; see the module
-    docstring. Lq <= 16 takes the split-KV decode path. The caller (the op) validates shapes."""
+    docstring. Lq <= 16 takes the split-KV decode path. The caller (the op) validates shapes.
+
+    ``schedule``: a ``MediaSchedule``'s ``(chunk_count, chunk_ids)`` for the block ``schedule_blocks``
+    names, and then ``media_mask`` is its kernel mask (empty rows already resolved); without one
+    (or with one for another block size) the launcher builds the schedule itself."""
     _check_runnable(q, empty_rows)
     batch, query_len, heads_q, head_dim = q.shape
     out = torch.empty((batch, query_len, heads_q, head_dim), dtype=q.dtype, device=q.device)
@@ -852,24 +911,25 @@ def image_text_attention_fwd_triton(
         return out, lse.fill_(float("-inf"))
     if k.shape[1] == 0:  # no keys: every row sees nothing
         return out.zero_(), lse.fill_(float("-inf"))
-    if query_len <= DECODE_MAX_QUERY_LEN:
-        _decode_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse)
-    else:
-        _prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse)
+    path = _decode_forward if query_len <= DECODE_MAX_QUERY_LEN else _prefill_forward
+    path(q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=schedule)
     return out, lse
 
 
-def _prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse) -> None:
+def _prefill_forward(
+    q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=None
+) -> None:
+    """With a ``schedule``, ``media_mask`` is already the kernel mask (a MediaSchedule's)."""
     batch, query_len, heads_q, head_dim = q.shape
     heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
-    mask = _effective_mask(media_mask, empty_rows)
+    mask = media_mask if schedule is not None else _effective_mask(media_mask, empty_rows)
     tiles = _tiles(q.dtype)
     configs = _kernel_configs(tiles)["image_text_attention_fwd"]
-    forced = forced_config("image_text_attention_fwd", configs)
     # The schedule is built for the query block of the config that will run.
-    block_m = forced.kwargs["BLOCK_M"] if forced is not None else _prefill_block_m(q)
+    block_m = _prefill_block(q)
     n_qb = triton.cdiv(query_len, block_m)
-    chunk_count, chunk_ids = block_chunk_schedule_triton(mask, block_m)
+    schedule = _given_schedule(schedule, query_len, block_m)
+    chunk_count, chunk_ids = schedule or block_chunk_schedule_triton(mask, block_m)
     mask_u8, mask_strides = _mask_args(mask)
     args = (
         q,
@@ -914,14 +974,26 @@ def _decode_num_splits(programs: int, max_tiles: int, device: torch.device) -> i
 
 
 def _decode_forward(
-    q, k, v, media_mask, media_len, scale, empty_rows, out, lse, num_splits: int | None = None
+    q,
+    k,
+    v,
+    media_mask,
+    media_len,
+    scale,
+    empty_rows,
+    out,
+    lse,
+    num_splits: int | None = None,
+    schedule=None,
 ) -> None:
     """The split-KV path (any Lq; the forward takes it for Lq <= 16). ``num_splits`` overrides the
-    heuristic (tests)."""
+    heuristic (tests). With a ``schedule``, ``media_mask`` is already the kernel mask. No host sync
+    and no autotuner: the split count and the kernels' configs follow from the shapes alone, so a
+    decode step can be graph-captured."""
     batch, query_len, heads_q, head_dim = q.shape
     heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
+    mask = media_mask if schedule is not None else _effective_mask(media_mask, empty_rows)
     group = heads_q // heads_kv
-    mask = _effective_mask(media_mask, empty_rows)
     tiles = _tiles(q.dtype)
     block_r = min(tiles.decode_max_rows, max(16, triton.next_power_of_2(query_len * group)))
     n_row_blocks = triton.cdiv(query_len * group, block_r)
@@ -930,8 +1002,10 @@ def _decode_forward(
         num_splits = _decode_num_splits(programs, num_chunks * triton.cdiv(media_len, 64), q.device)
     head_meta = _head_dim_meta(head_dim)
     block_d = head_meta["BLOCK_D"]
-    # One query block spanning the whole sequence: the chunks any of its rows sees.
-    chunk_count, chunk_ids = block_chunk_schedule_triton(mask, query_len)
+    # One query block spanning the whole sequence: the chunks any of its rows sees (torch ops: no
+    # autotuned schedule kernel on the decode path).
+    schedule = _given_schedule(schedule, query_len, query_len)
+    chunk_count, chunk_ids = schedule or one_block_schedule(mask)
     mask_u8, mask_strides = _mask_args(mask)
     part_m = torch.empty((programs, num_splits, block_r), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
@@ -967,7 +1041,7 @@ def _decode_forward(
         tiles,
         lambda meta: (num_splits, programs),
         args,
-        tune_key=(*_TUNE_KEY, "BLOCK_R"),
+        tune_configs=(_decode_config(tiles, head_dim, block_r),),
         BLOCK_R=block_r,
         INPUT_PRECISION=tiles.fwd_precision,
         **head_meta,
@@ -999,11 +1073,7 @@ def _decode_forward(
 
 def _block_visibility(mask: torch.Tensor, block_m: int) -> torch.Tensor:
     """[B, nQB, M] bool: some row of query block qb sees chunk m."""
-    batch, query_len, num_chunks = mask.shape
-    n_qb = triton.cdiv(query_len, block_m)
-    padded = torch.zeros((batch, n_qb * block_m, num_chunks), dtype=torch.bool, device=mask.device)
-    padded[:, :query_len] = mask
-    return padded.view(batch, n_qb, block_m, num_chunks).any(2)
+    return block_visibility(mask, block_m)
 
 
 def image_text_attention_bwd_triton(
@@ -1017,9 +1087,14 @@ def image_text_attention_bwd_triton(
     media_len: int,
     scale: float,
     empty_rows: str,
+    schedule: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` contiguous, in the inputs' dtypes, for the output cotangent ``grad_out``;
-    ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0."""
+    ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0.
+
+    ``schedule``: a ``MediaSchedule``'s ``(dq chunk_count, dq chunk_ids, qb_count, qb_ids)`` (the dq
+    schedule and the transposed dk/dv schedule of ``schedule_blocks``), and then ``media_mask`` is its
+    kernel mask; without one the launcher builds both."""
     _check_runnable(q, empty_rows)
     batch, query_len, heads_q, head_dim = q.shape
     keys, heads_kv, num_chunks = k.shape[1], k.shape[2], media_mask.shape[2]
@@ -1033,7 +1108,7 @@ def image_text_attention_bwd_triton(
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.float().contiguous()
-    mask = _effective_mask(media_mask, empty_rows)
+    mask = media_mask if schedule is not None else _effective_mask(media_mask, empty_rows)
     group = heads_q // heads_kv
     head_meta = _head_dim_meta(head_dim)
     tiles = _tiles(q.dtype)
@@ -1049,10 +1124,16 @@ def image_text_attention_bwd_triton(
     )
 
     # The two schedules: chunks per query block (dq) and query blocks per chunk (dk, dv).
-    chunk_count, chunk_ids = block_chunk_schedule_triton(mask, tiles.dq_block_m)
-    qb_count, qb_ids = block_chunk_schedule_triton(
-        _block_visibility(mask, tiles.dkdv_block_m).transpose(1, 2), 1
-    )
+    given = (None, None) if schedule is None else (schedule[:2], schedule[2:])
+    dq_schedule = _given_schedule(given[0], query_len, tiles.dq_block_m)
+    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, tiles.dq_block_m)
+    n_qb_dkdv = triton.cdiv(query_len, tiles.dkdv_block_m)
+    if given[1] is not None and given[1][1].shape[2] == n_qb_dkdv:
+        qb_count, qb_ids = given[1]
+    else:
+        qb_count, qb_ids = block_chunk_schedule_triton(
+            _block_visibility(mask, tiles.dkdv_block_m).transpose(1, 2), 1
+        )
     mask_u8, mask_strides = _mask_args(mask)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     dkdv_args = (
@@ -1073,7 +1154,7 @@ def image_text_attention_bwd_triton(
         heads_q,
         heads_kv,
         group,
-        triton.cdiv(query_len, tiles.dkdv_block_m),
+        n_qb_dkdv,
         scale * LOG2E,
         scale,
         *strides,

@@ -55,14 +55,17 @@ def one_block_schedule(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_chunk_schedule(mask, block_q)`` for any ``block_q >= Lq`` (one block holding every row:
     the decode schedule), with torch ops only: ``(chunk_count int32 [B, 1], chunk_ids int32 [B, 1, M])``,
     the visible chunks ascending, then -1. No host sync, no autotuner (CUDA-graph capturable)."""
+    batch, _, num_chunks = mask.shape
     visible = mask.any(1)  # [B, M]
     count = visible.sum(-1, dtype=torch.int32)  # [B]
-    num_chunks = mask.shape[2]
-    # A stable sort of "not visible" puts the visible chunks first, each group ascending.
-    order = torch.argsort((~visible).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    slots = torch.arange(num_chunks, device=mask.device, dtype=torch.int32)
-    ids = torch.where(slots < count[:, None], order, torch.full_like(order, -1))
-    return count[:, None].contiguous(), ids[:, None, :].contiguous()
+    # Compaction by scatter (no sort, no sync): visible chunk m goes to slot (visible before m);
+    # the others to a spare last column, dropped.
+    slot = torch.cumsum(visible, -1) - 1
+    slot = torch.where(visible, slot, torch.full_like(slot, num_chunks))
+    chunks = torch.arange(num_chunks, device=mask.device, dtype=torch.int32).expand(batch, -1)
+    ids = torch.full((batch, num_chunks + 1), -1, dtype=torch.int32, device=mask.device)
+    ids.scatter_(1, slot, chunks)
+    return count[:, None].contiguous(), ids[:, None, :num_chunks].contiguous()
 
 
 def block_visibility(mask: torch.Tensor, block_m: int) -> torch.Tensor:

@@ -77,6 +77,26 @@ def test_opcheck_image_text_attention(backend):
         torch.library.opcheck(image_text_attention_op, args)
 
 
+@pytest.mark.parametrize("query_len", [5, 40])  # decode and prefill schedules
+def test_opcheck_image_text_attention_with_schedule_tensors(query_len):
+    """The op with a MediaSchedule's tensors unpacked into its optional arguments (what the public
+    function passes for the triton backend), forward and backward schedules."""
+    if "triton" not in backends_for("image_text_attention"):
+        pytest.skip("no triton backend here")
+    q, k, v, media_mask, media_len = _attention_inputs(query_len=query_len)
+    schedule = vk.MediaSchedule(media_mask, media_len=media_len, empty_rows="uniform")
+    from vlm_kernels.triton.image_text_attention import schedule_blocks
+
+    forward_block, dq_block, dkdv_block = schedule_blocks(q)
+    tensors = (
+        *schedule.chunk_schedule(forward_block),
+        *schedule.chunk_schedule(dq_block),
+        *schedule.transposed_schedule(dkdv_block),
+    )
+    args = (q, k, v, schedule.kernel_mask, media_len, 0.25, "uniform", "triton", *tensors)
+    torch.library.opcheck(image_text_attention_op, args)
+
+
 def test_opcheck_perceiver_attention():
     *tensors, padding = _perceiver_inputs()
     torch.library.opcheck(perceiver_attention_op, (*tensors, padding, 0.3, "reference"))

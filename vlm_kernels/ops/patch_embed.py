@@ -114,7 +114,7 @@ def patch_embed_op(
     pixel_std: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    kernel = TABLE.forward_for(weight.device, backend)
+    kernel = TABLE.forward_for(weight.device, backend, weight.dtype)
     return kernel(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std)
 
 
@@ -137,7 +137,7 @@ def patch_embed_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_pixels or empty, grad_weight, grad_bias, grad_cls or empty, grad_pos)."""
-    kernel = TABLE.backward_for(weight.device, backend)
+    kernel = TABLE.backward_for(weight.device, backend, weight.dtype)
     return kernel(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, need_pixels_grad)
 
 
@@ -210,3 +210,22 @@ def _backward_reference(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+
+
+def _forward_triton(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std):
+    from vlm_kernels.triton.patch_embed import patch_embed_fwd_triton
+
+    return patch_embed_fwd_triton(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std)
+
+
+def _backward_triton(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, need_pixels_grad):
+    from vlm_kernels.triton.patch_embed import patch_embed_bwd_triton
+
+    return patch_embed_bwd_triton(
+        grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, need_pixels_grad
+    )
+
+
+TABLE.forward["triton"] = _forward_triton
+TABLE.backward["triton"] = _backward_triton
+TABLE.dtypes["triton"] = FLOAT_DTYPES  # weight dtypes (float64: the reference)

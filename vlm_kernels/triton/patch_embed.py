@@ -23,10 +23,19 @@ Kernels (fp32 accumulation; the A tile is converted to the weight's dtype for th
   1/std per channel and scattered back to [B, C, H, W] (stride = kernel: each pixel is written once).
 - ``_bwd_pos_kernel``: dpos[N, D] = sum_b dY[b], grid (N / BLOCK_T, D / BLOCK_D); dcls = dpos[0].
 
-Precision: float16/bfloat16 dots on tensor cores. float32 weights: 3xTF32 dots ("tf32x3": the high
-and low TF32 parts of each operand, three MMAs) — one TF32 rounding (10 mantissa bits) over K = 768
-products leaves ~5e-4 relative error, 3xTF32 keeps float32-grade error (~1e-6) at a third of the
-tensor-core rate, still well above the FMA rate ("ieee"). Every output element is written by exactly one
+K tiles: a K step (a loop step, or a program of the backward grids) is BLOCK_K // PV rows u0.. of one
+channel c of every patch, each row padded to PV = the power of 2 >= P lanes (P = 14: 16; the padding
+lanes are masked, 12.5% idle MMA work at P = 14, none at 8 and 16): the lanes of a row run along W, so
+the pixel loads vectorize, the pointers advance by a scalar per step, and the normalization is one scalar
+scale and shift per step. K steps per channel: ceil(P / (BLOCK_K // PV)); BLOCK_K >= PV.
+
+Precision: float16/bfloat16 dots on tensor cores (the A tile and, in the backward, the operands in the
+weight's dtype, as a PyTorch user of that dtype gets). float32 weights: 3xTF32 dots ("tf32x3": the high
+and low TF32 parts of each operand, three MMAs). One TF32 rounding (10 mantissa bits) leaves ~1e-4 to
+1e-3 relative error on dots of this length (5e-4 measured for image_text_attention's Dh = 128 dots),
+far over the float32 tolerance; 3xTF32 keeps float32-grade error (~1e-6) at a third of the tensor-core
+rate, still above the FMA rate of "ieee", and fits the registers (compile report). The interpreter
+computes every dot in float32 whatever the precision, so the tests cannot see this choice: a GPU can. Every output element is written by exactly one
 program: the forward and backward are deterministic (no atomics). GPU launches autotune over the configs
 registered at the bottom for the compile report (zero spills on sm_80/sm_90); under TRITON_INTERPRET=1 a
 kernel runs the first config of its list, ``force_triton_config(name, i)`` another (names: ``_CONFIGS``).
@@ -43,9 +52,6 @@ import triton.language as tl
 
 from vlm_kernels.triton._launch import declare_configs, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
-
-PATCH_SIZES = (8, 14, 16)  # compiled (and spill-checked) patch sizes; any P runs, these are checked
-
 
 # ---- shared tile helpers -------------------------------------------------------------------------------
 

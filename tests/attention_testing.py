@@ -17,10 +17,13 @@ import torch
 from vlm_kernels.reference.image_text_attention import image_text_attention_reference
 
 # The floor of the bound, for when torch's own low-precision error is ~0 (e.g. a row of one visible
-# key): float32 an absolute 1e-5; 16-bit types the rounding of the output itself, half an ulp of the
-# largest reference value (unit roundoff x max|ref|). An absolute 2e-2 bf16 floor let a kernel with
-# a 3% softmax-scale error pass (its max error 0.04-0.07 at max|ref| ~1.5); this floor and the RMS
-# check below catch it (tests/test_attention_testing.py plants it).
+# key, or a tiny case whose few elements happen to round well in torch): float32 an absolute 1e-5;
+# 16-bit types two ulps of the largest reference value (4 x unit roundoff x max|ref|: the output's own
+# rounding plus the 16-bit P of the PV product; a bf16 decode case with 6 rows measured 3.2x torch's
+# max error at 1.2e-2). An absolute 2e-2 bf16 floor let a kernel with a 3% softmax-scale error pass
+# (its max error 0.04-0.07 at max|ref| ~1.5); this floor and the RMS check below (floor: one unit
+# roundoff of the RMS) catch it (tests/test_attention_testing.py plants it).
+MAX_FLOOR_ROUNDOFFS = 4
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 0.0, torch.float16: 0.0}
 UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
@@ -110,7 +113,7 @@ def _rms(x: torch.Tensor) -> float:
 def policy_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
     """The floor of the max-error bound for outputs ``ref`` in ``dtype`` (see FLOOR)."""
     largest = ref.abs().max().item() if ref.numel() else 0.0
-    return FLOOR[dtype] + UNIT_ROUNDOFF[dtype] * largest
+    return FLOOR[dtype] + MAX_FLOOR_ROUNDOFFS * UNIT_ROUNDOFF[dtype] * largest
 
 
 def assert_within_policy(

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -353,6 +354,8 @@ def _sweep_configs(counts, device, dry_run, deadline, rows, log_file) -> tuple[i
         if time.monotonic() > deadline:
             skipped += 1
             continue
+        # Fresh random inputs, reproducible from the row's name (a failure reruns the same way).
+        torch.manual_seed(zlib.crc32(f"{kernel}/{index}/{case.label}".encode()))
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             for other in counts:  # hold every other kernel at config 0: no autotuning

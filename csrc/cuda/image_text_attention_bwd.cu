@@ -78,48 +78,7 @@
 #define VLMK_ITAB_NAMESPACE cuda
 #endif
 
-// Compile-time dispatch: binds the element type `T` for a dtype and `kHeadDim` for a head dim.
-#define VLMK_ITAB_DTYPE_SWITCH(DTYPE, ...)          \
-  [&] {                                             \
-    switch (DTYPE) {                                \
-      case ImageTextAttentionDtype::kFloat32: {     \
-        using T = float;                            \
-        return __VA_ARGS__();                       \
-      }                                             \
-      case ImageTextAttentionDtype::kFloat16: {     \
-        using T = __half;                           \
-        return __VA_ARGS__();                       \
-      }                                             \
-      case ImageTextAttentionDtype::kBFloat16: {    \
-        using T = __nv_bfloat16;                    \
-        return __VA_ARGS__();                       \
-      }                                             \
-    }                                               \
-    return static_cast<int>(cudaErrorInvalidValue); \
-  }()
-
-#define VLMK_ITAB_HEAD_DIM_SWITCH(HEAD_DIM, ...)    \
-  [&] {                                             \
-    switch (HEAD_DIM) {                             \
-      case 64: {                                    \
-        constexpr int kHeadDim = 64;                \
-        return __VA_ARGS__();                       \
-      }                                             \
-      case 80: {                                    \
-        constexpr int kHeadDim = 80;                \
-        return __VA_ARGS__();                       \
-      }                                             \
-      case 96: {                                    \
-        constexpr int kHeadDim = 96;                \
-        return __VA_ARGS__();                       \
-      }                                             \
-      case 128: {                                   \
-        constexpr int kHeadDim = 128;               \
-        return __VA_ARGS__();                       \
-      }                                             \
-    }                                               \
-    return static_cast<int>(cudaErrorInvalidValue); \
-  }()
+#include "cuda/image_text_attention_dispatch.cuh"
 
 namespace vlmk {
 namespace VLMK_ITAB_NAMESPACE {
@@ -812,8 +771,8 @@ int launch_image_text_attention_bwd(const Params& p, void* stream) {
           (p.query_len + kImageTextAttentionBwdDkdvBlockM - 1) / kImageTextAttentionBwdDkdvBlockM;
   if (!sizes_ok) return static_cast<int>(cudaErrorInvalidValue);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return VLMK_ITAB_DTYPE_SWITCH(p.dtype, [&] {
-    return VLMK_ITAB_HEAD_DIM_SWITCH(p.head_dim, [&] { return launch<T, kHeadDim>(p, s); });
+  return VLMK_ITA_DTYPE_SWITCH(p.dtype, [&] {
+    return VLMK_ITA_HEAD_DIM_SWITCH(p.head_dim, [&] { return launch<T, kHeadDim>(p, s); });
   });
 }
 

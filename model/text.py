@@ -53,6 +53,16 @@ class KVCache(nn.Module):
         end = int(input_pos[-1]) + 1
         return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
 
+    def write(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Writes k, v [B, Hkv, L, Dh] at positions input_pos [L]; returns the whole cache.
+
+        The static form of ``update`` for a captured decode step: no host sync (``update`` reads the
+        last position back to slice the cache) and the same shapes every step. The caller masks the
+        positions after ``input_pos``."""
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -67,8 +77,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, D]; cos/sin [L, Dh/2] at the tokens' positions; input_pos [L] uses the KV cache."""
+    def forward(
+        self, x, cos, sin, input_pos: torch.Tensor | None = None, static_cache: bool = False
+    ) -> torch.Tensor:
+        """x [B, L, D]; cos/sin [L, Dh/2] at the tokens' positions; input_pos [L] uses the KV cache.
+
+        static_cache: attend over the whole cache (``KVCache.write``), the later positions masked, so
+        that the step has fixed shapes and no host sync (CUDA-graph capturable); otherwise over the
+        cache up to the last position."""
         batch, length, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -81,7 +97,8 @@ class Attention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches first")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, Dh)
+            write = self.kv_cache.write if static_cache else self.kv_cache.update
+            k, v = write(input_pos, k, v)  # (B, Hkv, S, Dh)
             causal = input_pos[:, None] >= torch.arange(k.shape[2], device=x.device)  # (L, S)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, length, q_size))
@@ -108,8 +125,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = vkn.RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_hidden)
 
-    def forward(self, x, cos, sin, input_pos=None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+    def forward(self, x, cos, sin, input_pos=None, static_cache: bool = False) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos, static_cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -191,12 +208,18 @@ class TextDecoder(nn.Module):
         image_kv: list[ImageKV],
         media_len: int,
         input_pos: torch.Tensor | None = None,
+        *,
+        static_cache: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, L], media_mask [B, L, M] -> logits [B, L, V] (float32).
 
         input_pos [L]: the tokens' positions, and decode through the KV cache; None: positions 0..L-1,
-        no cache."""
+        no cache. static_cache (with input_pos): self-attention reads the whole KV cache with the
+        positions after input_pos masked: fixed shapes and no host sync, the form of a decode step
+        that ``model.static_decode`` captures in a CUDA graph."""
         length = input_ids.shape[1]
+        if static_cache and input_pos is None:
+            raise ValueError("static_cache=True decodes through the KV cache: pass input_pos")
         if input_pos is None:
             cos, sin = self.rope_cos[:length], self.rope_sin[:length]
         else:
@@ -211,5 +234,5 @@ class TextDecoder(nn.Module):
             if index in cross:
                 block, kv = cross[index]
                 x = block(x, media, kv)
-            x = layer(x, cos, sin, input_pos)
+            x = layer(x, cos, sin, input_pos, static_cache)
         return self.output(self.norm(x)).float()

@@ -16,6 +16,7 @@ from torch import nn
 
 import vlm_kernels as vk
 from model.config import ModelConfig
+from model.static_decode import StaticDecodeStep
 from model.text import ImageKV, TextDecoder
 from model.vision import VisionEncoder
 from vlm_kernels import nn as vkn
@@ -148,6 +149,7 @@ def generate(
     use_cache: bool = True,
     image_cache: str = "kv",
     generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Continues every prompt row of ``input_ids [B, S0]`` (equal lengths) by up to ``max_new_tokens``.
 
@@ -160,9 +162,47 @@ def generate(
     image_cache (with use_cache): "kv" runs the vision tower and every cross-attention block's image
         key/value projections once per prompt; "states" keeps the image states but recomputes the keys/
         values every step; "none" recomputes both every step (the last two measure what the cache saves).
+    cuda_graph: after the prompt and two warm-up tokens, decode each token by replaying one decode
+        step captured in a CUDA graph (``model.static_decode``): CUDA tensors, use_cache and
+        image_cache="kv" only. Its self-attention reads the whole static KV cache under a mask, so
+        the logits may differ from the eager path's in the last bits; greedy tokens match.
 
     Returns [B, S0 + n] with n <= max_new_tokens.
     """
+    return _generate(
+        model,
+        input_ids,
+        media,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        use_cache=use_cache,
+        image_cache=image_cache,
+        generator=generator,
+        decode="graph" if cuda_graph else "eager",
+    )
+
+
+# How generate runs the steps after the first: the eager decoder call; the static step of a CUDA
+# graph run eagerly (the graph path's computation on any device: what the CPU tests check); the
+# static step captured in a CUDA graph and replayed.
+DECODE_MODES = ("eager", "static", "graph")
+
+
+def _generate(
+    model: VisionLanguageModel,
+    input_ids: torch.Tensor,
+    media: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_k: int | None,
+    use_cache: bool,
+    image_cache: str,
+    generator: torch.Generator | None,
+    decode: str,
+) -> torch.Tensor:
+    """``generate`` with the decode steps run as ``decode`` says (one of DECODE_MODES)."""
     c = model.config
     model.check_inputs(input_ids, media)
     batch, prompt_len = input_ids.shape
@@ -176,9 +216,22 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if image_cache not in IMAGE_CACHE_MODES:
         raise ValueError(f"image_cache must be one of {IMAGE_CACHE_MODES}, got {image_cache!r}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    device = input_ids.device
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError(
+            "cuda_graph=True captures the decode step in a CUDA graph: the model and the inputs must "
+            f"be on a CUDA device, got input_ids on {device}"
+        )
+    if decode != "eager" and not (use_cache and image_cache == "kv"):
+        raise ValueError(
+            "a static (CUDA-graph) decode step reads the KV cache and the image keys/values computed "
+            f"once per prompt: it needs use_cache=True and image_cache='kv', got use_cache={use_cache},"
+            f" image_cache={image_cache!r}"
+        )
     if not use_cache:
         image_cache = "none"
-    device = input_ids.device
     ids = torch.full((batch, total), c.pad_id, dtype=input_ids.dtype, device=device)
     ids[:, :prompt_len] = input_ids
     num_media = media.shape[1]
@@ -190,19 +243,24 @@ def generate(
         image_kv = model.decoder.compute_image_kv(image_states)
     if use_cache:
         model.decoder.setup_caches(batch, total, next(model.parameters()).dtype)
+    static_step = None
     try:
         end = prompt_len
         for step in range(max_new_tokens):
-            start = 0 if (step == 0 or not use_cache) else end - 1
-            media_mask = model.media_mask(ids[:, :end], num_media)[:, start:end]
-            if image_cache == "kv":
-                kv, length = image_kv, media_len
-            elif image_cache == "states":
-                kv, length = model.decoder.compute_image_kv(image_states), media_len
+            if static_step is not None:
+                logits = static_step(ids[:, end - 1], end - 1)
             else:
-                kv, length = model.image_kv(media)
-            input_pos = torch.arange(start, end, device=device) if use_cache else None
-            logits = model.decoder(ids[:, start:end], media_mask, kv, length, input_pos)[:, -1]
+                start = 0 if (step == 0 or not use_cache) else end - 1
+                media_mask = model.media_mask(ids[:, :end], num_media)[:, start:end]
+                if image_cache == "kv":
+                    kv, length = image_kv, media_len
+                elif image_cache == "states":
+                    kv, length = model.decoder.compute_image_kv(image_states), media_len
+                else:
+                    kv, length = model.image_kv(media)
+                input_pos = torch.arange(start, end, device=device) if use_cache else None
+                logits = model.decoder(ids[:, start:end], media_mask, kv, length, input_pos)[:, -1]
+            # (With a graph, logits is the graph's output buffer: the next replay rewrites it whole.)
             logits[:, banned] = float("-inf")
             next_token = _sample(logits, temperature, top_k, generator)
             next_token = torch.where(finished, torch.full_like(next_token, c.pad_id), next_token)
@@ -211,6 +269,17 @@ def generate(
             finished |= next_token == c.eos_id
             if bool(finished.all()):
                 break
+            if decode != "eager" and static_step is None:
+                # Every later token sees what the first generated one sees (none is an <image>).
+                decode_mask = model.media_mask(ids[:, :end], num_media)[:, -1:]
+                static_step = StaticDecodeStep(
+                    model.decoder,
+                    image_kv,
+                    decode_mask,
+                    media_len,
+                    token_dtype=ids.dtype,
+                    cuda_graph=decode == "graph",
+                )
     finally:
         if use_cache:
             model.decoder.clear_caches()

@@ -1,5 +1,5 @@
-"""The thin VLM of model/: it trains, decodes the same with and without its caches, builds the media mask
-by the Mllama rule, round-trips and resumes checkpoints exactly, trains the same on 2 DDP ranks as on one
+"""The thin VLM of model/: it trains, decodes the same with and without its caches and through the
+static (CUDA-graph) decode step, builds the media mask by the Mllama rule, round-trips and resumes checkpoints exactly, trains the same on 2 DDP ranks as on one
 process, and rejects bad inputs with clear errors."""
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from model.cli import build_parser, main
 from model.config import TrainConfig, preset
 from model.data import TASKS, Digits, eval_batch, make_batch
 from model.evaluate import predict
+from model.static_decode import StaticDecodeStep
 from model.tokenizer import Tokenizer
 from model.train import build_model, learning_rate, train
-from model.vlm import generate
+from model.vlm import _generate, generate
+from tests.devices import cuda_only
 
 TINY = TrainConfig(preset="tiny", steps=30, batch_size=8, warmup_steps=5, eval_every=0)
 
@@ -99,6 +101,168 @@ def test_generate_stops_at_eos_and_pads_finished_rows(model, tokenizer, data):
         if tokenizer.eos_id in row:
             after = row[row.index(tokenizer.eos_id) + 1 :]
             assert all(t == tokenizer.pad_id for t in after)
+
+
+def _static_generate(model, prompt, media, max_new_tokens, **options):
+    """generate with every token after the first decoded by the static step that cuda_graph=True
+    captures, run eagerly (the graph's computation, on the CPU)."""
+    settings = dict(temperature=0.0, top_k=None, use_cache=True, image_cache="kv", generator=None)
+    return _generate(
+        model, prompt, media, max_new_tokens, **{**settings, **options}, decode="static"
+    )
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_static_decode_step_generates_what_generate_does(model, tokenizer, data, task, monkeypatch):
+    """The step a CUDA graph captures (whole static KV cache under a mask, static buffers, the
+    decode media mask built once) gives the eager generate's tokens, greedy and sampled."""
+    batch = eval_batch(task, data, tokenizer, 6)
+    prompt = prompt_through_last_image(batch, tokenizer)
+    calls = []
+    original_call = StaticDecodeStep.__call__
+
+    def counting_call(self, token, position):
+        calls.append(position)
+        return original_call(self, token, position)
+
+    monkeypatch.setattr(StaticDecodeStep, "__call__", counting_call)
+    eager = generate(model, prompt, batch.media, 7)
+    assert calls == []  # the eager path is untouched
+    static = _static_generate(model, prompt, batch.media, 7)
+    assert torch.equal(static, eager)
+    steps = static.shape[1] - prompt.shape[1]
+    assert calls == list(range(prompt.shape[1], prompt.shape[1] + steps - 1))  # all but the first
+    sampled = [
+        generate_fn(
+            model,
+            prompt,
+            batch.media,
+            7,
+            temperature=0.8,
+            top_k=4,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for generate_fn in (generate, _static_generate)
+    ]
+    assert torch.equal(*sampled)
+
+
+def _prefilled_step(model, prompt, media, cuda_graph=False):
+    """The decoder's caches holding ``prompt`` (which ends with an <image>), and a StaticDecodeStep
+    for the tokens after it."""
+    image_kv, media_len = model.image_kv(media)
+    batch_size, prompt_len = prompt.shape
+    model.decoder.setup_caches(batch_size, prompt_len + 8, torch.float32)
+    mask = model.media_mask(prompt, media.shape[1])
+    positions = torch.arange(prompt_len, device=prompt.device)
+    model.decoder(prompt, mask, image_kv, media_len, positions)
+    step = StaticDecodeStep(model.decoder, image_kv, mask[:, -1:], media_len, cuda_graph=cuda_graph)
+    return step, prompt_len
+
+
+class _NoHostSync:
+    """While active, every device-to-host synchronization of a tensor raises (as in
+    tests/test_media_schedule.py's guard of the attention decode path)."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.active = False
+        for method in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, method, self._guarded(method))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._guarded("synchronize", lambda: None))
+
+    def _guarded(self, method, original=None):
+        original = original or getattr(torch.Tensor, method)
+
+        def guarded(*args, **kwargs):
+            if self.active:
+                raise AssertionError(f"host sync in the decode step: Tensor.{method}")
+            return original(*args, **kwargs)
+
+        return guarded
+
+
+@torch.no_grad()
+def test_static_decode_step_does_no_host_sync(model, tokenizer, data, monkeypatch):
+    batch = eval_batch("interleaved", data, tokenizer, 3)
+    prompt = prompt_through_last_image(batch, tokenizer)
+    step, prompt_len = _prefilled_step(model, prompt, batch.media)
+    guard = _NoHostSync(monkeypatch)
+    token = torch.full((3,), tokenizer.words.index("seven"))
+    try:
+        guard.active = True
+        logits = [step(token, prompt_len + i) for i in range(3)]
+        # The eager decode step reads the cache length back: the guard catches that.
+        with pytest.raises(AssertionError, match="host sync"):
+            model.decoder(
+                token[:, None],
+                step.media_mask,
+                step.image_kv,
+                step.media_len,
+                torch.tensor([prompt_len + 3]),
+            )
+    finally:
+        guard.active = False
+        model.decoder.clear_caches()
+    assert all(x.shape == (3, model.config.vocab_size) for x in logits)
+    assert not torch.equal(logits[0], logits[1])  # the position and the cache moved on
+
+
+def test_cuda_graph_decode_needs_a_cuda_device_and_the_caches(model, tokenizer, data):
+    batch = eval_batch("caption", data, tokenizer, 2)
+    prompt = prompt_through_last_image(batch, tokenizer)
+    with pytest.raises(ValueError, match="CUDA device, got input_ids on cpu"):
+        generate(model, prompt, batch.media, 3, cuda_graph=True)
+    for options in (dict(use_cache=False), dict(image_cache="states")):
+        with pytest.raises(ValueError, match="use_cache=True and image_cache='kv'"):
+            _static_generate(model, prompt, batch.media, 3, **options)
+    mask = torch.ones(2, 1, 1, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        StaticDecodeStep(model.decoder, [], mask, 4, cuda_graph=False)
+    with pytest.raises(ValueError, match="CUDA graph needs CUDA tensors"):
+        StaticDecodeStep(model.decoder, [], mask, 4, cuda_graph=True)
+    with pytest.raises(ValueError, match=r"\[B, 1, M\] bool"):
+        StaticDecodeStep(model.decoder, [], mask.expand(2, 2, 1), 4, cuda_graph=False)
+    with pytest.raises(ValueError, match="pass input_pos"):
+        model.decoder(prompt, mask, [], 4, static_cache=True)
+
+
+@cuda_only
+@torch.no_grad()
+def test_cuda_graph_decode_replays_the_eager_step(tokenizer, data, monkeypatch):
+    """On a GPU: generate(cuda_graph=True) gives the eager tokens, and a captured step replayed over
+    teacher-forced tokens gives the eager static step's logits."""
+    model = build_model(TINY, tokenizer).eval().cuda()
+    for block in model.decoder.cross_layers:
+        block.cross_attn_attn_gate.fill_(1.0)
+        block.cross_attn_mlp_gate.fill_(1.0)
+    replays = []
+    original_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(
+        torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or original_replay(graph)
+    )
+    for task in TASKS:
+        batch = eval_batch(task, data, tokenizer, 8)
+        prompt = prompt_through_last_image(batch, tokenizer).cuda()
+        media = batch.media.cuda()
+        eager = generate(model, prompt, media, 8)
+        graphed = generate(model, prompt, media, 8, cuda_graph=True)
+        assert torch.equal(graphed, eager), task
+    batch = eval_batch("interleaved", data, tokenizer, 8)
+    prompt = prompt_through_last_image(batch, tokenizer).cuda()
+    forced = torch.randint(4, len(tokenizer), (6, 8), device="cuda")  # 6 steps of 8 rows
+    results = []
+    for cuda_graph in (False, True):
+        step, prompt_len = _prefilled_step(model, prompt, batch.media.cuda(), cuda_graph)
+        try:
+            results.append([step(t, prompt_len + i).clone() for i, t in enumerate(forced)])
+        finally:
+            model.decoder.clear_caches()
+    assert step.graph is not None and step.replays == len(forced) - step.warmup_steps
+    for eager_logits, graph_logits in zip(*results, strict=True):
+        torch.testing.assert_close(graph_logits, eager_logits, atol=1e-4, rtol=1e-4)
+    assert replays
 
 
 def test_media_mask_in_the_model_equals_the_builder(model, tokenizer, data):

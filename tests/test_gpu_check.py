@@ -41,6 +41,16 @@ def test_dry_run_writes_the_report(tmp_path):
     }  # every config of every kernel
     report = (out / "report.md").read_text()
     assert "| configs | ok |" in report and "sdpa_nomask" in report
+    # Decode, eager vs CUDA graph: the eager path timed, the graph rows skipped with the reason.
+    decode = stages["bench"]["figures"]["decode_graph"]
+    assert {(r["what"].split()[0], r["batch"]) for r in decode} == {
+        (what, batch) for what in ("image_text_attention", "model") for batch in (1, 8)
+    }
+    for row in decode:
+        assert row["status"] == "skipped" and row["reason"] == gpu_check.DRY_RUN_GRAPH_REASON
+        assert row["eager_ms"] > 0 and row["graph_ms"] is None, row
+    assert "## decode: eager vs CUDA graph" in report
+    assert report.count("skipped: CUDA graphs need a GPU") == 4
 
 
 @cpu_only
@@ -86,3 +96,26 @@ def test_sweep_runs_every_config_first():
     assert first_pass == {("a", 0), ("a", 1), ("a", 2), ("b", 0)}
     cases_per_config = sum(len(c) for c in gpu_check.config_cases(False, 0))
     assert len(order) == 4 * cases_per_config
+
+
+def test_decode_graph_part_that_raises_is_an_error_row(monkeypatch, tmp_path):
+    """A decode part that fails (e.g. a capture that hits a host sync) is reported as an error row
+    with its reason and its traceback in the log; the other part still runs."""
+
+    eager_row = dict(gpu_check._decode_row("image_text_attention", 1), eager_ms=0.1)
+    model_row = dict(gpu_check._decode_row("model generate", 8), eager_ms=1.0)
+
+    def capture_fails(dry_run, rows):
+        rows.append(eager_row)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(gpu_check, "attention_decode_rows", capture_fails)
+    monkeypatch.setattr(
+        gpu_check, "model_decode_rows", lambda dry_run, rows: rows.append(model_row)
+    )
+    with open(tmp_path / "bench.log", "w") as log_file:
+        rows = gpu_check.decode_graph_rows(False, log_file)
+    assert rows[0] is eager_row  # the finished row is kept
+    assert rows[1]["status"] == "error" and "stream is capturing" in rows[1]["reason"]
+    assert rows[2] is model_row
+    assert "Traceback" in (tmp_path / "bench.log").read_text()

@@ -16,16 +16,20 @@ is skipped and the report says so):
               reference with the tolerance policy of tests/attention_testing.py: fp32/bf16/fp16,
               Dh 64/80/96/128, GQA, both empty-row modes, and key/value chunks that no row sees
               poisoned with NaN; small cases first, then mllama-sized ones while time lasts.
-  4. bench    image_text_attention forward, forward+backward and decode at the mllama-11b shapes
-              (masks 1-of-4, cumulative, all, random) against SDPA with the dense mask, SDPA without
-              a mask (flash) on the all-visible case and compiled FlexAttention; CUDA-event medians
-              (benchmarks/), visible TFLOP/s and their ratio to the device's bf16 matmul.
+  4. bench    first decode, eager vs captured in a CUDA graph and replayed: image_text_attention
+              at the mllama-11b decode shape (B=1 and 8, a prebuilt MediaSchedule) and the thin
+              model's per-token ``generate(cuda_graph=True)``; then image_text_attention forward,
+              forward+backward and decode at the mllama-11b shapes (masks 1-of-4, cumulative, all,
+              random) against SDPA with the dense mask, SDPA without a mask (flash) on the
+              all-visible case and compiled FlexAttention; CUDA-event medians (benchmarks/),
+              visible TFLOP/s and their ratio to the device's bf16 matmul.
 Output in DIR (at most 8 files, one sub-folder): report.md, figures.json, logs/{build,pytest,configs,
 bench}.log. Progress goes to stdout.
 
 ``--dry-run`` runs the same plumbing on this CPU (the Triton interpreter and the SIMT emulator, tiny
 shapes, a short test subset; the build stage only checks that the extension `make build` made imports) so that the script cannot rot while no GPU is
-around; ``make test`` runs it.
+around; ``make test`` runs it. It times the eager decode rows and reports the graph ones as skipped
+(no CUDA graphs on a CPU).
 """
 
 from __future__ import annotations
@@ -432,6 +436,201 @@ def matmul_tflops(device: str, dry_run: bool) -> float:
     return 2 * n**3 / seconds / 1e12
 
 
+# ---- decode: eager vs CUDA graph ---------------------------------------------------------------------------
+
+DECODE_GRAPH_BATCHES = (1, 8)
+DECODE_GRAPH_VARIANT = "all"  # every token sees every image: the most kernel work per step
+DECODE_GRAPH_CALLS = 50  # calls per timed round, back to back as a decode loop issues them
+DECODE_GRAPH_ROUNDS = 5  # the median of these rounds is reported
+# Two generate lengths; their time difference over their token difference is the per-token time
+# (the prompt, the vision tower and, with a graph, the warm-up and the capture cancel out). Far
+# apart, so that the capture's variable cost (torch.cuda.graph runs gc.collect) stays small next to
+# the tokens' time; the model's max_seq_len is raised to fit.
+MODEL_DECODE_TOKENS = {False: (8, 104), True: (3, 9)}  # by dry_run
+MODEL_DECODE_ROUNDS = 3
+DRY_RUN_GRAPH_REASON = "CUDA graphs need a GPU; the dry run times the eager path only"
+
+
+def time_per_call(call: Callable[[], object], device, calls: int, rounds: int) -> float:
+    """Milliseconds per call: ``rounds`` rounds of ``calls`` back-to-back calls (CUDA events around
+    each round on a GPU, the wall clock on the CPU); the median round. Back to back, so that a call
+    whose launches take longer than its kernels shows the launch cost, as in a decode loop."""
+    import statistics
+
+    import torch
+
+    call()  # warm (compilation, lazy schedules)
+    per_call = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                call()
+            end.record()
+            end.synchronize()
+            per_call.append(start.elapsed_time(end) / calls)
+        else:
+            started = time.perf_counter()
+            for _ in range(calls):
+                call()
+            per_call.append((time.perf_counter() - started) * 1e3 / calls)
+    return statistics.median(per_call)
+
+
+def capture_cuda_graph(call: Callable[[], object]):
+    """(graph, output): ``call`` warmed up on a side stream, then captured in a CUDA graph whose
+    replay rewrites ``output`` in place."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call()
+    return graph, output
+
+
+def _decode_row(what: str, batch: int) -> dict:
+    return dict(
+        what=what,
+        batch=batch,
+        status="ok",
+        reason="",
+        eager_ms=None,
+        graph_ms=None,
+        graph_speedup=None,
+        graph_matches_eager=None,
+    )
+
+
+def attention_decode_rows(dry_run: bool, rows: list[dict]) -> None:
+    """Appends to ``rows``: vk.image_text_attention at the mllama-11b decode shape (bf16, Lq=1) with
+    a prebuilt MediaSchedule, per call: eager, and captured in a CUDA graph and replayed (dry run:
+    the tiny shape through the Triton interpreter, eager only)."""
+    import dataclasses
+
+    import torch
+
+    import vlm_kernels as vk
+    from benchmarks.ops.image_text_attention import SHAPES
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    base = SHAPES["tiny" if dry_run else "mllama-11b-decode"]
+    calls, rounds = (2, 1) if dry_run else (DECODE_GRAPH_CALLS, DECODE_GRAPH_ROUNDS)
+    for batch in DECODE_GRAPH_BATCHES:
+        shape = dataclasses.replace(base, params={**base.params, "B": batch, "Lq": 1})
+        row = _decode_row(
+            f"image_text_attention {base.name} Lq1 {DECODE_GRAPH_VARIANT} bf16", batch
+        )
+        rows.append(row)
+        inputs = shape.build(DECODE_GRAPH_VARIANT, torch.bfloat16, device)
+        t = inputs.tensors
+        schedule = vk.MediaSchedule(t["media_mask"], media_len=inputs.options["media_len"])
+
+        def decode(t=t, schedule=schedule):
+            return vk.image_text_attention(t["q"], t["k"], t["v"], schedule, backend="triton")
+
+        row["eager_ms"] = time_per_call(decode, device, calls, rounds)
+        if dry_run:
+            row["status"], row["reason"] = "skipped", DRY_RUN_GRAPH_REASON
+            continue
+        graph, output = capture_cuda_graph(decode)
+        row["graph_ms"] = time_per_call(graph.replay, device, calls, rounds)
+        row["graph_speedup"] = row["eager_ms"] / row["graph_ms"]
+        graph.replay()
+        row["graph_matches_eager"] = bool(torch.equal(output, decode()))
+
+
+def model_decode_rows(dry_run: bool, rows: list[dict]) -> None:
+    """Appends to ``rows``: the thin model's (model/) per-token generate time, greedy, eager and with
+    ``cuda_graph=True``, at a random initialisation of the demo preset (dry run: the tiny preset on
+    the CPU, eager only). The <eos> row of the output layer is zeroed so that no row stops early."""
+    import torch
+
+    from model.config import TrainConfig
+    from model.tokenizer import Tokenizer
+    from model.train import build_model
+    from model.vlm import generate
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    short, long = MODEL_DECODE_TOKENS[dry_run]
+    prompt_len = 2  # <bos> <image>
+    train_config = TrainConfig(
+        preset="tiny" if dry_run else "demo", model_overrides={"max_seq_len": prompt_len + long}
+    )
+    model = build_model(train_config, Tokenizer.for_tasks()).to(device).eval()
+    config = model.config
+    with torch.no_grad():
+        model.decoder.output.weight[config.eos_id] = 0.0  # timing only: nobody stops at <eos>
+    for batch in DECODE_GRAPH_BATCHES:
+        row = _decode_row(
+            f"model generate, {'tiny' if dry_run else 'demo'} preset, per token", batch
+        )
+        rows.append(row)
+        generator = torch.Generator().manual_seed(batch)
+        media = torch.randint(
+            0,
+            256,
+            (batch, 1, config.channels, config.image_size, config.image_size),
+            generator=generator,
+        )
+        media = media.to(torch.uint8).to(device)
+        prompt = torch.tensor([[config.bos_id, config.image_id]], device=device)
+        prompt = prompt.expand(batch, prompt_len)
+        outputs = {}
+        for cuda_graph in (False, True) if not dry_run else (False,):
+            seconds = {}
+            for new_tokens in (short, long):
+                samples = []
+                for _ in range(MODEL_DECODE_ROUNDS):
+                    started = time.perf_counter()
+                    out = generate(model, prompt, media, new_tokens, cuda_graph=cuda_graph)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    samples.append(time.perf_counter() - started)
+                if out.shape[1] != prompt.shape[1] + new_tokens:
+                    raise RuntimeError(f"generate stopped after {out.shape[1]} of {new_tokens}")
+                seconds[new_tokens] = sorted(samples)[len(samples) // 2]
+                outputs[cuda_graph] = out
+            per_token_ms = (seconds[long] - seconds[short]) * 1e3 / (long - short)
+            row["graph_ms" if cuda_graph else "eager_ms"] = per_token_ms
+        if dry_run:
+            row["status"], row["reason"] = "skipped", DRY_RUN_GRAPH_REASON
+            continue
+        row["graph_speedup"] = row["eager_ms"] / row["graph_ms"]
+        row["graph_matches_eager"] = bool(torch.equal(outputs[True], outputs[False]))
+
+
+def decode_graph_rows(dry_run: bool, log_file) -> list[dict]:
+    """The attention op's and the thin model's decode, eager vs CUDA graph; a part that raises
+    ends with an error row (its traceback in the log), after the rows it finished, and the other
+    part still runs."""
+    rows = []
+    for what, part in (
+        ("image_text_attention decode", attention_decode_rows),
+        ("model generate", model_decode_rows),
+    ):
+        try:
+            part(dry_run, rows)
+        except Exception as exc:
+            log_file.write(traceback.format_exc())
+            row = _decode_row(what, 0)
+            row["status"], row["reason"] = "error", f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+    for row in rows:
+        log_file.write(json.dumps(row) + "\n")
+        times = f"eager {_fmt(row['eager_ms'], '.3f')} ms"
+        if row["graph_ms"] is not None:
+            times += f", graph {row['graph_ms']:.3f} ms ({row['graph_speedup']:.2f}x)"
+        log(f"bench: {row['what']} B{row['batch']}: {row['status']}, {times}. {row['reason']}")
+    return rows
+
+
 def stage_bench(result: StageResult, logs: Path, budget_s: float, dry_run: bool) -> None:
     import torch
 
@@ -448,6 +647,8 @@ def stage_bench(result: StageResult, logs: Path, budget_s: float, dry_run: bool)
     providers = [registry.get_provider("image_text_attention", name) for name in names]
     rows, skipped = [], 0
     with open(logs / "bench.log", "a") as log_file:
+        # First: a few seconds, and the measurement of graph-safe decode (issue 9).
+        decode_rows = decode_graph_rows(dry_run, log_file)
         for shape, variants, modes in DRY_RUN_PLAN if dry_run else BENCH_PLAN:
             for mode in modes:
                 for variant in variants:
@@ -474,16 +675,33 @@ def stage_bench(result: StageResult, logs: Path, budget_s: float, dry_run: bool)
                         rows.append(row)
                         log_file.write(json.dumps(row) + "\n")
                     log(f"bench: {case.label} done")
-    result.figures = {"matmul_bf16_tflops": peak, "rows": rows, "skipped_for_time": skipped}
-    errors = [r for r in rows if r["status"] == "error" and r["provider"].startswith("vk-")]
+    result.figures = {
+        "matmul_bf16_tflops": peak,
+        "rows": rows,
+        "decode_graph": decode_rows,
+        "skipped_for_time": skipped,
+    }
+    errors = [
+        f"{r['provider']}: {r['reason']}"
+        for r in rows
+        if r["status"] == "error" and r["provider"].startswith("vk-")
+    ]
+    errors += [
+        f"{r['what']} B{r['batch']}: {r['reason'] or 'graph output differs from eager'}"
+        for r in decode_rows
+        if r["status"] == "error" or r["graph_matches_eager"] is False
+    ]
     result.status = "failed" if errors else ("partial" if skipped else "ok")
     result.summary = f"{len(rows)} timings" + (
         f", {skipped} cases skipped for time" if skipped else ""
     )
-    if errors:
-        result.summary += "; errors: " + "; ".join(
-            f"{r['provider']}: {r['reason']}" for r in errors
+    graph_b8 = [r for r in decode_rows if r["batch"] == 8 and r["graph_speedup"]]
+    if graph_b8:
+        result.summary += "; decode B8 graph/eager: " + ", ".join(
+            f"{r['what'].split(',')[0]} {r['graph_speedup']:.2f}x" for r in graph_b8
         )
+    if errors:
+        result.summary += "; errors: " + "; ".join(errors)
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -529,6 +747,22 @@ def write_report(out: Path, info: dict, stages: list[StageResult], total_s: floa
                 f"{_fmt(r['median_ms'], '.3f')} | {_fmt(r['speedup_vs_sdpa'])} | "
                 f"{_fmt(r['visible_tflops'], '.1f')} | {_fmt(r['of_matmul'], '.0%')} | "
                 f"{'' if r['status'] == 'ok' else r['status'] + ': ' + r['reason'][:80]} |"
+            )
+    decode = next((s for s in stages if s.name == "bench" and s.figures.get("decode_graph")), None)
+    if decode is not None:
+        lines += [
+            "",
+            "## decode: eager vs CUDA graph (per call / per token; target: graph >= 2x eager at B=8)",
+            "",
+            "| what | B | eager ms | graph ms | graph speedup | graph == eager | note |",
+            "|---|---:|---:|---:|---:|---|---|",
+        ]
+        for r in decode.figures["decode_graph"]:
+            same = "" if r["graph_matches_eager"] is None else str(r["graph_matches_eager"])
+            note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason'][:100]}"
+            lines.append(
+                f"| {r['what']} | {r['batch']} | {_fmt(r['eager_ms'], '.3f')} | "
+                f"{_fmt(r['graph_ms'], '.3f')} | {_fmt(r['graph_speedup'])} | {same} | {note} |"
             )
     configs = next((s for s in stages if s.name == "configs" and s.figures.get("cases")), None)
     if configs is not None:

@@ -176,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--no-cache", action="store_true", help="recompute everything each step (no KV/image cache)"
     )
+    generate.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N"
+    )
+    generate.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="decode each token after the first three by replaying one decode step captured in a "
+        "CUDA graph (needs --device cuda and the caches)",
+    )
     _add_common(generate)
 
     evaluate = commands.add_parser(
@@ -255,7 +264,11 @@ def _generate(args) -> int:
     from model.data import Digits, make_batch
     from model.evaluate import predict
 
-    model, tokenizer = load_model(args.checkpoint, backend=_backend(args.backend))
+    device = torch.device(args.device)
+    if args.cuda_graph and (device.type != "cuda" or args.no_cache):
+        print("--cuda-graph needs --device cuda and the caches (no --no-cache)", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(args.checkpoint, device, backend=_backend(args.backend))
     config = model.config
     data = Digits(seed=_saved_seed(args.checkpoint))
     generator = torch.Generator().manual_seed(args.seed)
@@ -281,7 +294,9 @@ def _generate(args) -> int:
         print(f"the model takes clips of at most {config.max_frames} frames", file=sys.stderr)
         return 2
     images = data.test_images[index.flatten()].view(*index.shape, *data.test_images.shape[1:])
-    batch = make_batch(args.task, images, data.test_labels[index], tokenizer)
+    batch = make_batch(args.task, images, data.test_labels[index], tokenizer).to(device)
+    # Sampling draws on the logits' device (on the CPU: the stream the images were drawn from).
+    sampling = generator if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed)
     _, texts = predict(
         model,
         batch,
@@ -289,7 +304,8 @@ def _generate(args) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         use_cache=not args.no_cache,
-        generator=generator,
+        generator=sampling,
+        cuda_graph=args.cuda_graph,
     )
     from model.data import caption_words
 

@@ -44,6 +44,17 @@ class Batch:
             self.task,
         )
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch with the model's inputs and targets on ``device`` (the digits, which only
+        scoring reads, stay where they are)."""
+        return Batch(
+            self.input_ids.to(device),
+            self.targets.to(device),
+            self.media.to(device),
+            self.digits,
+            self.task,
+        )
+
     def prompt_length(self) -> int:
         """Tokens up to and including the first <image> (what generation starts from)."""
         return {"caption": 2, "interleaved": 2, "video": 3}[self.task]

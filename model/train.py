@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_model, load_train_state, save_model, save_train_state
 from model.config import TrainConfig, preset
-from model.data import TASKS, Batch, Digits, TrainSampler, eval_batch
+from model.data import TASKS, Digits, TrainSampler, eval_batch
 from model.evaluate import accuracy
 from model.tokenizer import Tokenizer
 from model.vlm import VisionLanguageModel
@@ -119,20 +119,10 @@ def evaluate_tasks(
             interleaved_images=config.interleaved_images,
             video_frames=config.video_frames,
         )
-        batch = _to(batch, device)
+        batch = batch.to(device)
         results[task] = accuracy(model, batch, tokenizer)
     model.train(was_training)
     return results
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return Batch(
-        batch.input_ids.to(device),
-        batch.targets.to(device),
-        batch.media.to(device),
-        batch.digits,
-        batch.task,
-    )
 
 
 class Trainer:
@@ -201,7 +191,7 @@ class Trainer:
         step_loss = torch.zeros((), device=device)
         for i, task in enumerate(self.tasks):
             batch = self.sampler.next(task, config.batch_size)
-            batch = _to(batch.rows(self.rank * local, (self.rank + 1) * local), device)
+            batch = batch.rows(self.rank * local, (self.rank + 1) * local).to(device)
             sync = i == len(self.tasks) - 1 or self.world == 1
             with (
                 contextlib.nullcontext() if sync else self.wrapped.no_sync(),

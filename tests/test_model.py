@@ -438,7 +438,14 @@ def test_cli_help_explains_every_command(capsys):
             main([*command, "--help"])
         assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--resume", "--bf16", "--temperature", "--top-k", "--compare-steps"):
+    for flag in (
+        "--resume",
+        "--bf16",
+        "--temperature",
+        "--top-k",
+        "--compare-steps",
+        "--cuda-graph",
+    ):
         assert flag in text
     assert build_parser().parse_args(["train", "--steps", "3"]).steps == 3
 
@@ -485,8 +492,10 @@ def test_cli_train_generate_eval(tmp_path, capsys):
         == 0
     )
     assert main(["eval", "--checkpoint", out, "--examples", "4", *common]) == 0
-    text = capsys.readouterr().out
-    assert "three one four" in text and "every caption right" in text
+    captured = capsys.readouterr()
+    assert "three one four" in captured.out and "every caption right" in captured.out
+    assert main(["generate", "--checkpoint", out, "--cuda-graph", *common]) == 2  # on the CPU
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
 
 
 def test_predict_interleaved_writes_one_caption_per_image(model, tokenizer, data):

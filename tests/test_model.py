@@ -147,6 +147,26 @@ def test_static_decode_step_generates_what_generate_does(model, tokenizer, data,
     assert torch.equal(*sampled)
 
 
+def test_decoded_tokens_all_see_the_first_decoded_tokens_media(tokenizer):
+    """What lets the static step build its media mask once: under the Mllama rule every token after
+    the prompt that is not an <image> (generate never samples one) sees the same media, the last
+    image group of the prompt, whatever the tokens between."""
+    image, word = tokenizer.image_id, tokenizer.words.index("seven")
+    prompts = [
+        [tokenizer.bos_id, image, word, image, image],  # a group of two images at the end
+        [tokenizer.bos_id, image, word, word, image],
+        [tokenizer.bos_id, image, image, word, image],
+    ]
+    decoded = torch.randint(4, len(tokenizer), (3, 9))  # never <pad>, <bos>, <eos> or <image>
+    decoded[0, 4] = tokenizer.eos_id
+    decoded[1, 5:] = tokenizer.pad_id  # a finished row
+    ids = torch.cat([torch.tensor(prompts), decoded], dim=1)
+    mask = vk.masks.from_image_token_ids(ids, image, num_media=3)
+    first = mask[:, 5:6]
+    assert torch.equal(mask[:, 5:], first.expand_as(mask[:, 5:]))
+    assert first[:, 0].tolist() == [[False, True, True], [False, True, False], [False, False, True]]
+
+
 def _prefilled_step(model, prompt, media, cuda_graph=False):
     """The decoder's caches holding ``prompt`` (which ends with an <image>), and a StaticDecodeStep
     for the tokens after it."""

@@ -378,6 +378,37 @@ def test_patch_embed_bad_inputs():
         vk.patch_embed(pixels, weight, pixel_mean=torch.rand(4))
 
 
+def test_patch_embed_rejects_off_by_one_shapes():
+    pixels, weight, bias, cls, pos, _, _ = _patch_inputs()  # 8 x 12 pixels: 2 x 3 patches of 4 x 4
+    with pytest.raises(ValueError, match=r"H=8 and W=10 .* multiples of the patch size P=4"):
+        vk.patch_embed(torch.randn(2, 3, 8, 10), weight)
+    with pytest.raises(
+        ValueError, match=r"pixels must have shape \(\*, 3, \*, \*\).*\(dimension 1\)"
+    ):
+        vk.patch_embed(torch.randn(2, 2, 8, 12), weight)  # 2 channels, weight has 3
+    # pos_embed one row short / long: 6 patches + the CLS = 7 rows, without the CLS 6
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \(7, 6\).*got \(6, 6\)"):
+        vk.patch_embed(pixels, weight, bias, cls_token=cls, pos_embed=pos[:6])
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \(7, 6\).*got \(8, 6\)"):
+        vk.patch_embed(pixels, weight, bias, cls_token=cls, pos_embed=torch.randn(8, 6))
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \(6, 6\).*got \(5, 6\)"):
+        vk.patch_embed(pixels, weight, bias, pos_embed=pos[:5])
+
+
+@pytest.mark.parametrize("backend", backends_for("patch_embed"))
+def test_patch_embed_uint8_without_mean_std_reads_x_over_255(backend):
+    """uint8 pixels with no pixel_mean / pixel_std are read as x / 255 (the op's docstring), not as raw
+    0..255 values: the convolution of the [0, 1] image, in float64."""
+    pixels, weight, bias, *_ = _patch_inputs(with_uint8=True)
+    weight, bias = weight.detach(), bias.detach()
+    out = vk.patch_embed(pixels, weight, bias, backend=backend)
+    image = pixels.double() / 255
+    expected = torch.nn.functional.conv2d(image, weight.double(), bias.double(), stride=4)
+    expected = expected.flatten(2).transpose(1, 2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_concat_project_bad_inputs():
     features = [torch.randn(2, 5, 3), torch.randn(2, 5, 4)]
     with pytest.raises(ValueError, match=r"weight must have shape \(\*, 7\)"):

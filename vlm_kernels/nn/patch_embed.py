@@ -306,8 +306,9 @@ class PatchEmbed(nn.Module):
         ``pre_tile_positional_embedding`` to the patch tokens only and then ``gated_positional_embedding``
         to all tokens, both chosen by ``aspect_ratio_ids``; the caller applies them (the pre-tile one to
         ``out[:, 1:]``; additions commute, so adding it after the CLS is placed is the same) before
-        ``layernorm_pre``. For uint8 pixels pass the Mllama image processor's mean / std (the OpenAI
-        CLIP constants).
+        ``layernorm_pre``. For uint8 pixels pass the checkpoint's image processor constants
+        (``processor.image_processor.image_mean`` / ``image_std``; the class defaults are 0.5 / 0.5,
+        a checkpoint's preprocessor config may set others).
         """
         vision = _find(
             model, ("", "vision_model", "model.vision_model"), "gated_positional_embedding"

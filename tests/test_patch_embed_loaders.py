@@ -8,6 +8,7 @@ documented Mllama recipe up to ``layernorm_pre``, and the unsupported variants r
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -156,6 +157,18 @@ def test_from_timm_vit_rejects_unsupported_variants(overrides, message):
         PatchEmbed.from_timm_vit(make_vit(**overrides))
 
 
+def test_from_timm_vit_rejects_a_hybrid_backbone():
+    """A hybrid ViT's patch_embed.proj is a Conv2d on the backbone's features, not on the pixels."""
+    from timm.layers import HybridEmbed
+
+    backbone = nn.Conv2d(3, 8, 4, stride=4)
+    vit = make_vit(
+        img_size=32, patch_size=1, embed_layer=functools.partial(HybridEmbed, backbone=backbone)
+    )
+    with pytest.raises(ValueError, match=r"vit\.patch_embed\.backbone \(Conv2d, a hybrid ViT\)"):
+        PatchEmbed.from_timm_vit(vit)
+
+
 def test_from_timm_vit_rejects_wrong_shapes_and_types():
     vit = make_vit()
     vit.pos_embed = nn.Parameter(torch.randn(1, 9, 32))  # 3 x 3 patches + CLS would be 10
@@ -233,6 +246,25 @@ def test_from_hf_clip_matches_embeddings(kind, dtype, backend):
     assert_state_round_trip(
         ours, {"proj.weight", "cls_token", "pos_embed"}, torch.randn(1, 3, 30, 30)
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loaded_modules_train_like_the_originals(backend):
+    """Gradients reach our copies as they reach the originals (fine-tuning after loading): the CLS
+    reshape, the pos_embed view and the weight layout carry gradients unchanged."""
+    cotangent = torch.randn(2, 26, 32)
+    pixels = torch.randn(2, 3, 30, 30)
+    _, embeddings = make_clip("CLIPVisionEmbeddings")
+    ours = PatchEmbed.from_hf_clip(embeddings, backend=backend)
+    (ours(pixels) * cotangent).sum().backward()
+    (embeddings(pixels) * cotangent).sum().backward()
+    pairs = [
+        (ours.proj.weight.grad, embeddings.patch_embedding.weight.grad),
+        (ours.cls_token.grad.reshape(-1), embeddings.class_embedding.grad),
+        (ours.pos_embed.grad[0], embeddings.position_embedding.weight.grad),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

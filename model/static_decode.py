@@ -41,8 +41,10 @@ class StaticDecodeStep:
 
     Args:
         decoder: the text decoder, its KV caches set up (``setup_caches``) and holding the prompt.
-        image_kv: every cross-attention block's image (k, v), computed once per prompt.
-        media_mask: [B, 1, M] bool, the media a decoded token sees (copied into the step's buffer).
+        image_kv: every cross-attention block's image (k, v), computed once per prompt; None for a
+            text-only batch (the decoder then skips its cross-attention blocks).
+        media_mask: [B, 1, M] bool, the media a decoded token sees (copied into the step's buffer);
+            None with image_kv None.
         media_len: tokens per media item.
         token_dtype: dtype of the token buffer (that of the ids).
         cuda_graph: capture the step in a CUDA graph after ``warmup_steps`` eager steps and replay it
@@ -56,34 +58,43 @@ class StaticDecodeStep:
     def __init__(
         self,
         decoder: TextDecoder,
-        image_kv: list[ImageKV],
-        media_mask: torch.Tensor,
+        image_kv: list[ImageKV] | None,
+        media_mask: torch.Tensor | None,
         media_len: int,
         *,
         token_dtype: torch.dtype = torch.long,
         cuda_graph: bool,
         warmup_steps: int = WARMUP_STEPS,
     ):
-        if media_mask.dim() != 3 or media_mask.shape[1] != 1 or media_mask.dtype != torch.bool:
+        if (media_mask is None) != (image_kv is None):
+            raise ValueError(
+                "media_mask and image_kv go together: both None (text only) or both given"
+            )
+        if media_mask is not None and (
+            media_mask.dim() != 3 or media_mask.shape[1] != 1 or media_mask.dtype != torch.bool
+        ):
             raise ValueError(
                 f"media_mask must be [B, 1, M] bool (one decoded token per row), got "
                 f"{tuple(media_mask.shape)} {media_mask.dtype}"
             )
-        if cuda_graph and media_mask.device.type != "cuda":
+        if cuda_graph and media_mask is not None and media_mask.device.type != "cuda":
             raise ValueError(
                 f"a CUDA graph needs CUDA tensors; the media mask is on {media_mask.device}"
             )
         if any(layer.attention.kv_cache is None for layer in decoder.layers):
             raise RuntimeError("the decoder has no KV cache: call decoder.setup_caches first")
+        cache = decoder.layers[0].attention.kv_cache.k_cache  # (B, Hkv, S, Dh)
+        if cuda_graph and cache.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs CUDA tensors; the KV cache is on {cache.device}")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1 before a capture, got {warmup_steps}")
-        batch, device = media_mask.shape[0], media_mask.device
+        batch, device = cache.shape[0], cache.device
         self.decoder = decoder
         self.image_kv = image_kv
         self.media_len = media_len
         self.token = torch.zeros(batch, 1, dtype=token_dtype, device=device)  # (B, 1)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.media_mask = media_mask.clone()  # (B, 1, M)
+        self.media_mask = None if media_mask is None else media_mask.clone()  # (B, 1, M)
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -204,14 +204,18 @@ class TextDecoder(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        media_mask: torch.Tensor,
-        image_kv: list[ImageKV],
+        media_mask: torch.Tensor | None,
+        image_kv: list[ImageKV] | None,
         media_len: int,
         input_pos: torch.Tensor | None = None,
         *,
         static_cache: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, L], media_mask [B, L, M] -> logits [B, L, V] (float32).
+
+        Text only (media_mask and image_kv None): the cross-attention blocks are skipped, so the
+        decoder is exactly the text model alone. (With media, a token that sees none already passes
+        a block unchanged; skipping them gives that without a schedule over M = 0 media.)
 
         input_pos [L]: the tokens' positions, and decode through the KV cache; None: positions 0..L-1,
         no cache. static_cache (with input_pos): self-attention reads the whole KV cache with the
@@ -224,12 +228,22 @@ class TextDecoder(nn.Module):
             cos, sin = self.rope_cos[:length], self.rope_sin[:length]
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        if (media_mask is None) != (image_kv is None):
+            raise ValueError(
+                "media_mask and image_kv go together: both None (text only) or both given, got "
+                f"media_mask {'None' if media_mask is None else 'given'}, image_kv "
+                f"{'None' if image_kv is None else 'given'}"
+            )
         x = self.tok_embeddings(input_ids)  # (B, L, D)
-        # One media schedule per forward, shared by every cross-attention block.
-        media = vk.MediaSchedule(media_mask, media_len=media_len, empty_rows="zero")
-        cross = dict(
-            zip(self.cross_layer_ids, zip(self.cross_layers, image_kv, strict=True), strict=True)
-        )
+        cross = {}
+        if media_mask is not None:
+            # One media schedule per forward, shared by every cross-attention block.
+            media = vk.MediaSchedule(media_mask, media_len=media_len, empty_rows="zero")
+            cross = dict(
+                zip(
+                    self.cross_layer_ids, zip(self.cross_layers, image_kv, strict=True), strict=True
+                )
+            )
         for index, layer in enumerate(self.layers):
             if index in cross:
                 block, kv = cross[index]

@@ -4,7 +4,8 @@ media mask of the Mllama rule.
 
     input_ids [B, S] with M <image> tokens per row
     media     [B, M, C, H, W] images, or [B, M, F, C, H, W] clips of F frames (F > 1 goes through the
-              resampler; F == 1 is an image)
+              resampler; F == 1 is an image); None or M = 0: a text-only batch (no <image> tokens),
+              which skips the cross-attention blocks: the logits are the text model's alone
     -> logits [B, S, V]
 """
 
@@ -54,8 +55,9 @@ class VisionLanguageModel(nn.Module):
             if hasattr(module, "backend") and module.__class__.__module__.startswith("vlm_kernels"):
                 module.backend = backend
 
-    def check_inputs(self, input_ids: torch.Tensor, media: torch.Tensor) -> None:
-        """Raises ValueError naming the shapes when the ids and the media do not fit together."""
+    def check_inputs(self, input_ids: torch.Tensor, media: torch.Tensor | None) -> None:
+        """Raises ValueError naming the shapes when the ids and the media do not fit together
+        (``media`` None: a text-only batch, which must hold no <image> token)."""
         c = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
@@ -67,6 +69,14 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len={c.max_seq_len}"
             )
+        if media is None:
+            image_counts = (input_ids == c.image_id).sum(1)
+            if bool(image_counts.any()):
+                raise ValueError(
+                    f"media is None (text only) but the rows hold {image_counts.tolist()} <image> "
+                    f"tokens (id {c.image_id}): pass one media item per <image> token"
+                )
+            return
         if not isinstance(media, torch.Tensor) or media.dim() not in (5, 6):
             raise ValueError(
                 "media must be [B, M, C, H, W] images or [B, M, F, C, H, W] clips, got "
@@ -102,8 +112,14 @@ class VisionLanguageModel(nn.Module):
     # ---- the parts -----------------------------------------------------------------------------------
 
     def encode_media(self, media: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """media -> (image_states [B, M * media_len, D], media_len)."""
+        """media -> (image_states [B, M * media_len, D], media_len); M >= 1 (a text-only batch has
+        no image states: see ``text_only``)."""
         batch, num_media = media.shape[:2]
+        if num_media == 0:
+            raise ValueError(
+                f"encode_media needs at least one media item per row, got media {tuple(media.shape)}"
+                " (a text-only batch skips the vision path: pass media=None or M = 0 to forward)"
+            )
         frames = media.shape[2] if media.dim() == 6 else 1
         pixels = media.reshape(-1, *media.shape[-3:])  # (B*M*F, C, H, W)
         features = self.vision(pixels)  # each (B*M*F, T, Dv)
@@ -119,18 +135,29 @@ class VisionLanguageModel(nn.Module):
         image_states, media_len = self.encode_media(media)
         return self.decoder.compute_image_kv(image_states), media_len
 
+    @staticmethod
+    def text_only(media: torch.Tensor | None) -> bool:
+        """Whether ``media`` carries no media item (None, or M = 0 per row)."""
+        return media is None or media.shape[1] == 0
+
     def forward(
         self,
         input_ids: torch.Tensor,
-        media: torch.Tensor,
+        media: torch.Tensor | None,
         targets: torch.Tensor | None = None,
     ):
         """Returns logits [B, S, V]; with ``targets [B, S]`` (the token each position must predict,
-        IGNORE_INDEX elsewhere) returns (logits, mean cross-entropy over the targets)."""
+        IGNORE_INDEX elsewhere) returns (logits, mean cross-entropy over the targets).
+
+        ``media`` None or with M = 0: text only; the vision path and the cross-attention blocks are
+        skipped, so the logits are those of the text decoder alone."""
         self.check_inputs(input_ids, media)
-        image_kv, media_len = self.image_kv(media)
-        media_mask = self.media_mask(input_ids, media.shape[1])
-        logits = self.decoder(input_ids, media_mask, image_kv, media_len)
+        if self.text_only(media):
+            logits = self.decoder(input_ids, None, None, 0)
+        else:
+            image_kv, media_len = self.image_kv(media)
+            media_mask = self.media_mask(input_ids, media.shape[1])
+            logits = self.decoder(input_ids, media_mask, image_kv, media_len)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -141,7 +168,7 @@ class VisionLanguageModel(nn.Module):
 def generate(
     model: VisionLanguageModel,
     input_ids: torch.Tensor,
-    media: torch.Tensor,
+    media: torch.Tensor | None,
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
@@ -151,7 +178,16 @@ def generate(
     generator: torch.Generator | None = None,
     cuda_graph: bool = False,
 ) -> torch.Tensor:
-    """Continues every prompt row of ``input_ids [B, S0]`` (equal lengths) by up to ``max_new_tokens``.
+    """Continues every prompt row of ``input_ids [B, S0]`` by up to ``max_new_tokens``.
+
+    media: as in ``VisionLanguageModel.forward`` (None or M = 0: text-only prompts).
+
+    Prompts of different lengths: left-pad the shorter rows with <pad> (a run of <pad> before the
+    prompt, none inside it). Rows are decoded in groups of one prompt length, each group as its own
+    batch with its prompts at positions 0.. (no padding reaches the model, so every row's tokens are
+    those it would get alone, greedy; sampling draws the groups one after another from
+    ``generator``, shortest first). The output keeps each prompt where it was, its tokens right
+    after it, <pad> after a row's end.
 
     temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the ``top_k`` best.
     A row stops at <eos> (later positions hold <pad>); the loop stops when all rows have. The special
@@ -169,11 +205,7 @@ def generate(
 
     Returns [B, S0 + n] with n <= max_new_tokens.
     """
-    return _generate(
-        model,
-        input_ids,
-        media,
-        max_new_tokens,
+    options = dict(
         temperature=temperature,
         top_k=top_k,
         use_cache=use_cache,
@@ -181,6 +213,50 @@ def generate(
         generator=generator,
         decode="graph" if cuda_graph else "eager",
     )
+    lengths = prompt_lengths(input_ids, model.config.pad_id)
+    width = input_ids.shape[1]
+    if bool((lengths == width).all()):
+        return _generate(model, input_ids, media, max_new_tokens, **options)
+    model.check_inputs(input_ids, media)  # the whole batch's shapes, before any group runs
+    groups = []
+    for length in sorted(set(lengths.tolist())):
+        rows = torch.nonzero(lengths == length)[:, 0]
+        part_media = None if media is None else media[rows.to(media.device)]
+        part = input_ids[rows, width - length :]
+        groups.append((rows, length, _generate(model, part, part_media, max_new_tokens, **options)))
+    new_tokens = max(out.shape[1] - length for _, length, out in groups)
+    ids = torch.full(
+        (input_ids.shape[0], width + new_tokens),
+        model.config.pad_id,
+        dtype=input_ids.dtype,
+        device=input_ids.device,
+    )
+    for rows, length, out in groups:
+        ids[rows, width - length : width - length + out.shape[1]] = out
+    return ids
+
+
+def prompt_lengths(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[B] the tokens of each left-padded prompt row of ``input_ids [B, S]`` (S minus the leading
+    <pad> run). Raises ValueError for a <pad> inside a prompt (right padding or a stray <pad>) and for
+    a row of nothing but <pad>."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
+    is_pad = input_ids == pad_id
+    # Leading pads: the positions whose row is <pad> all the way from the start.
+    leading = is_pad.long().cumprod(1).sum(1)
+    lengths = input_ids.shape[1] - leading
+    if bool((lengths == 0).any()):
+        rows = torch.nonzero(lengths == 0)[:, 0].tolist()
+        raise ValueError(f"prompt rows {rows} of input_ids are all <pad> (id {pad_id})")
+    inside = is_pad.sum(1) - leading
+    if bool((inside > 0).any()):
+        rows = torch.nonzero(inside > 0)[:, 0].tolist()
+        raise ValueError(
+            f"prompt rows {rows} of input_ids hold <pad> (id {pad_id}) after their first token: "
+            "batched prompts of different lengths must be left-padded (<pad> only before the prompt)"
+        )
+    return lengths
 
 
 # How generate runs the steps after the first: the eager decoder call; the static step of a CUDA
@@ -234,10 +310,14 @@ def _generate(
         image_cache = "none"
     ids = torch.full((batch, total), c.pad_id, dtype=input_ids.dtype, device=device)
     ids[:, :prompt_len] = input_ids
-    num_media = media.shape[1]
+    text_only = model.text_only(media)
+    num_media = 0 if text_only else media.shape[1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     banned = torch.tensor([c.pad_id, c.bos_id, c.image_id], device=device)
-    if image_cache != "none":
+    image_kv, media_len = None, 0  # text only: no image path at all
+    if text_only:
+        image_cache = "text"
+    if image_cache in ("kv", "states"):
         image_states, media_len = model.encode_media(media)  # (B, M * media_len, D)
     if image_cache == "kv":
         image_kv = model.decoder.compute_image_kv(image_states)
@@ -251,8 +331,12 @@ def _generate(
                 logits = static_step(ids[:, end - 1], end - 1)
             else:
                 start = 0 if (step == 0 or not use_cache) else end - 1
-                media_mask = model.media_mask(ids[:, :end], num_media)[:, start:end]
-                if image_cache == "kv":
+                media_mask = None
+                if not text_only:
+                    media_mask = model.media_mask(ids[:, :end], num_media)[:, start:end]
+                if image_cache == "text":
+                    kv, length = None, 0
+                elif image_cache == "kv":
                     kv, length = image_kv, media_len
                 elif image_cache == "states":
                     kv, length = model.decoder.compute_image_kv(image_states), media_len
@@ -271,7 +355,9 @@ def _generate(
                 break
             if decode != "eager" and static_step is None:
                 # Every later token sees what the first generated one sees (none is an <image>).
-                decode_mask = model.media_mask(ids[:, :end], num_media)[:, -1:]
+                decode_mask = None
+                if not text_only:
+                    decode_mask = model.media_mask(ids[:, :end], num_media)[:, -1:]
                 static_step = StaticDecodeStep(
                     model.decoder,
                     image_kv,

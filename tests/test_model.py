@@ -18,6 +18,7 @@ from model.config import TrainConfig, preset
 from model.data import TASKS, Digits, eval_batch, make_batch
 from model.evaluate import predict
 from model.static_decode import StaticDecodeStep
+from model.text import TextDecoder
 from model.tokenizer import Tokenizer
 from model.train import build_model, learning_rate, train
 from model.vlm import _generate, generate
@@ -529,3 +530,90 @@ def test_bf16_autocast_training_runs():
     config = dataclasses.replace(TINY, steps=3, warmup_steps=1, bf16=True)
     losses = train(config, progress=False).losses
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _text_decoder_alone(model):
+    """The text model alone: a decoder of the same shape without cross-attention blocks, holding
+    the model's text weights (so nothing of the image path can reach its logits)."""
+    config = dataclasses.replace(model.config, cross_attention_every=model.config.n_layers + 1)
+    text = TextDecoder(config)
+    result = text.load_state_dict(model.decoder.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert result.unexpected_keys and all(
+        k.startswith("cross_layers.") for k in result.unexpected_keys
+    )
+    assert not text.cross_layers
+    return text.eval()
+
+
+@pytest.mark.parametrize("empty", ["none", "zero_media"])
+def test_text_only_batches_give_the_text_models_logits(model, tokenizer, empty):
+    ids = torch.tensor(
+        [
+            [tokenizer.bos_id, *tokenizer.encode(words)]
+            for words in ("video three one", "seven two four")
+        ]
+    )
+    media = None if empty == "none" else torch.zeros(2, 0, 1, 8, 8, dtype=torch.uint8)
+    text = _text_decoder_alone(model)
+    assert torch.equal(model(ids, media), text(ids, None, None, 0))
+    # The gates are open: a cross-attention block run on these tokens would change them.
+    assert all(float(b.cross_attn_attn_gate.detach()) != 0 for b in model.decoder.cross_layers)
+    for options in (dict(), dict(use_cache=False)):
+        out = generate(model, ids, media, 4, **options)
+        expected = ids
+        for _ in range(out.shape[1] - ids.shape[1]):  # greedy by the text model, no cache
+            logits = text(expected, None, None, 0)[:, -1]
+            logits[:, [tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id]] = float("-inf")
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(out, expected), options
+    static = _generate(
+        model,
+        ids,
+        media,
+        4,
+        temperature=0.0,
+        top_k=None,
+        use_cache=True,
+        image_cache="kv",
+        generator=None,
+        decode="static",
+    )
+    assert torch.equal(static, generate(model, ids, media, 4))
+
+
+def test_text_only_rejects_image_tokens(model, tokenizer):
+    ids = torch.tensor([[tokenizer.bos_id, tokenizer.image_id]])
+    with pytest.raises(ValueError, match=r"media is None \(text only\) but the rows hold \[1\]"):
+        model(ids, None)
+    with pytest.raises(ValueError, match="one <image> token"):
+        model(ids, torch.zeros(1, 0, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_left_padded_prompts_of_different_lengths(model, tokenizer, data):
+    pad, bos, image, video = (
+        tokenizer.pad_id,
+        tokenizer.bos_id,
+        tokenizer.image_id,
+        tokenizer.ids["video"],
+    )
+    media = eval_batch("caption", data, tokenizer, 8).media  # (8, 1, 1, 8, 8)
+    prompts = [[bos, image] if row % 2 == 0 else [bos, video, image] for row in range(8)]
+    ids = torch.tensor([[pad] * (3 - len(p)) + p for p in prompts])
+    out = generate(model, ids, media, 3)
+    # The rows of one length say different things, so a row put in another's place would show.
+    assert len({tuple(row) for row in out[::2, 1:].tolist()}) > 1
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, torch.tensor([prompt]), media[row : row + 1], 3)[0]
+        start = 3 - len(prompt)
+        assert torch.equal(out[row, :start], torch.full((start,), pad))
+        assert torch.equal(out[row, start : start + len(alone)], alone), row
+        assert bool((out[row, start + len(alone) :] == pad).all())
+    # Text only, too; and the same rows unpadded give the equal-length path's tokens.
+    text = torch.tensor([[pad, bos, video], [bos, video, tokenizer.digit_id(3)]])
+    text_out = generate(model, text, None, 3)
+    assert torch.equal(text_out[1], generate(model, text[1:], None, 3)[0][: text_out.shape[1]])
+    with pytest.raises(ValueError, match=r"rows \[0\] .* must be left-padded"):
+        generate(model, torch.tensor([[bos, video, pad]]), None, 2)
+    with pytest.raises(ValueError, match=r"rows \[1\] of input_ids are all <pad>"):
+        generate(model, torch.tensor([[bos, video], [pad, pad]]), None, 2)

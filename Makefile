@@ -13,10 +13,11 @@ PYTEST_WORKERS ?= 2
 .PHONY: demo test build lint format ctest gpu-report gpu-check pytest cpu-only-build bench clean \
 	gpu-report-no-nvcc gpu-report-triton36
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # `setup.py build_ext --inplace` puts vlm_kernels/_C*.so next to the sources (the repo is on sys.path

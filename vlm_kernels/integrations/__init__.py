@@ -9,6 +9,10 @@ names, so checkpoints load and save unchanged, and has a revert.
 """
 
 from vlm_kernels.integrations.clip import apply_vlm_kernels_to_clip, revert_vlm_kernels_to_clip
+from vlm_kernels.integrations.mllama import (
+    apply_vlm_kernels_to_mllama,
+    revert_vlm_kernels_to_mllama,
+)
 from vlm_kernels.integrations.timm_vit import (
     apply_vlm_kernels_to_timm_vit,
     revert_vlm_kernels_to_timm_vit,
@@ -16,7 +20,9 @@ from vlm_kernels.integrations.timm_vit import (
 
 __all__ = [
     "apply_vlm_kernels_to_clip",
+    "apply_vlm_kernels_to_mllama",
     "apply_vlm_kernels_to_timm_vit",
     "revert_vlm_kernels_to_clip",
+    "revert_vlm_kernels_to_mllama",
     "revert_vlm_kernels_to_timm_vit",
 ]

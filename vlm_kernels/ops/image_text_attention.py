@@ -32,7 +32,10 @@ from vlm_kernels.reference.image_text_attention import (
     image_text_attention_reference,
 )
 
-EMPTY_ROW_MODES = ("zero", "uniform")
+EMPTY_ROW_MODES = ("zero", "uniform", "mean")
+# The modes each backend implements; the others raise (never a silent fallback). "mean" (OpenFlamingo's
+# all-previous-media rule) is the reference's only so far; the kernels come later.
+KERNEL_EMPTY_ROW_MODES = ("zero", "uniform")
 TABLE = kernel_table("image_text_attention")
 
 
@@ -59,9 +62,13 @@ def image_text_attention(
         media_len: tokens per media chunk; ``Lk`` must equal ``M * media_len``. Required with a plain
             mask; with a schedule it comes from the schedule (if given too, it must agree).
         scale: softmax scale, default ``Dh ** -0.5``.
-        empty_rows: "zero" (rows that see no chunk output 0, with 0 gradient) or "uniform" (such rows
-            attend to all Lk keys, as Hugging Face Mllama's additive mask makes them). Default "zero"
-            with a plain mask; with a schedule it comes from the schedule (if given, it must agree).
+        empty_rows: "zero" (rows that see no chunk output 0, with 0 gradient), "uniform" (such rows
+            attend to all Lk keys, as Hugging Face Mllama's additive mask makes them) or "mean" (such
+            rows output the mean of all Lk values, as OpenFlamingo's all-previous-media mode does:
+            every score of the row is filled with the same value; gradient to v only). Default "zero"
+            with a plain mask; with a schedule it comes from the schedule (if given, it must agree;
+            schedules take "zero" / "uniform"). "mean" runs on the reference backend only for now:
+            ``backend=None`` picks it, any other backend raises a ValueError naming it.
         backend: None/"auto", "reference", "cpu", "triton", "cuda" or "cuda_sim".
 
     Returns:
@@ -91,6 +98,10 @@ def image_text_attention(
         )
     empty_rows = "zero" if empty_rows is None else empty_rows
     _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows)
+    if empty_rows not in KERNEL_EMPTY_ROW_MODES and backend == "auto":
+        # Only the reference implements this mode: auto picks it, as it picks the reference for
+        # float64 (an explicit kernel backend raises in its kernel wrapper below).
+        backend = "reference"
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if schedule is None:
@@ -263,6 +274,16 @@ image_text_attention_op.register_autograd(_backward, setup_context=_setup_contex
 # ---- kernels, one entry per backend -------------------------------------------------------------------
 
 
+def _check_kernel_mode(backend: str, empty_rows: str) -> None:
+    """The kernel backends implement ``KERNEL_EMPTY_ROW_MODES``; another mode raises, naming both."""
+    if empty_rows not in KERNEL_EMPTY_ROW_MODES:
+        raise ValueError(
+            f"image_text_attention: the {backend!r} backend does not implement empty_rows="
+            f"{empty_rows!r} yet (it implements {KERNEL_EMPTY_ROW_MODES}); use backend='reference' "
+            f"or backend=None, which picks the reference for this mode"
+        )
+
+
 def _forward_reference(q, k, v, media_mask, media_len, scale, empty_rows):
     out, lse = image_text_attention_reference(
         q,
@@ -295,8 +316,10 @@ def _backward_reference(grad_out, q, k, v, media_mask, out, lse, media_len, scal
 
 def _compiled_forward(function_name: str):
     """A forward kernel of vlm_kernels._C (head dims 64/80/96/128)."""
+    backend = "cuda_sim" if function_name.endswith("cuda_sim") else "cuda"
 
     def kernel(q, k, v, media_mask, media_len, scale, empty_rows):
+        _check_kernel_mode(backend, empty_rows)
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
@@ -310,8 +333,10 @@ def _compiled_forward(function_name: str):
 
 def _compiled_backward(function_name: str):
     """A backward kernel of vlm_kernels._C (head dims 64/80/96/128)."""
+    backend = "cuda_sim" if function_name.endswith("cuda_sim") else "cuda"
 
     def kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+        _check_kernel_mode(backend, empty_rows)
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
@@ -348,6 +373,7 @@ TABLE.backward["cuda_sim"] = _compiled_backward("image_text_attention_bwd_cuda_s
 
 
 def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows, schedule=None):
+    _check_kernel_mode("triton", empty_rows)
     from vlm_kernels.triton.image_text_attention import image_text_attention_fwd_triton
 
     return image_text_attention_fwd_triton(
@@ -358,6 +384,7 @@ def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows, schedule=
 def _backward_triton(
     grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, schedule=None
 ):
+    _check_kernel_mode("triton", empty_rows)
     from vlm_kernels.triton.image_text_attention import image_text_attention_bwd_triton
 
     return image_text_attention_bwd_triton(
@@ -366,12 +393,14 @@ def _backward_triton(
 
 
 def _forward_cpu(q, k, v, media_mask, media_len, scale, empty_rows):
+    _check_kernel_mode("cpu", empty_rows)
     return _extension()[0].image_text_attention_fwd_cpu(
         q, k, v, media_mask, media_len, scale, empty_rows == "uniform"
     )
 
 
 def _backward_cpu(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    _check_kernel_mode("cpu", empty_rows)
     return _extension()[0].image_text_attention_bwd_cpu(
         grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows == "uniform"
     )

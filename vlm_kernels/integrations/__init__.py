@@ -13,6 +13,10 @@ from vlm_kernels.integrations.mllama import (
     apply_vlm_kernels_to_mllama,
     revert_vlm_kernels_to_mllama,
 )
+from vlm_kernels.integrations.open_flamingo import (
+    apply_vlm_kernels_to_open_flamingo,
+    revert_vlm_kernels_to_open_flamingo,
+)
 from vlm_kernels.integrations.timm_vit import (
     apply_vlm_kernels_to_timm_vit,
     revert_vlm_kernels_to_timm_vit,
@@ -21,8 +25,10 @@ from vlm_kernels.integrations.timm_vit import (
 __all__ = [
     "apply_vlm_kernels_to_clip",
     "apply_vlm_kernels_to_mllama",
+    "apply_vlm_kernels_to_open_flamingo",
     "apply_vlm_kernels_to_timm_vit",
     "revert_vlm_kernels_to_clip",
     "revert_vlm_kernels_to_mllama",
+    "revert_vlm_kernels_to_open_flamingo",
     "revert_vlm_kernels_to_timm_vit",
 ]

@@ -30,7 +30,7 @@ from tests.patch_embed_testing import (
     op_args,
 )
 from vlm_kernels._backends import _extension
-from vlm_kernels.ops.patch_embed import TABLE
+from vlm_kernels.ops.patch_embed import TABLE, patch_embed_op
 
 BACKEND = "cuda" if ON_CUDA else "cuda_sim"
 pytestmark = [
@@ -177,6 +177,20 @@ def test_through_the_op_with_autograd():
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for name, a, b in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_opcheck():
+    """torch.library.opcheck through the op with this backend: float pixels with every term (pixel
+    gradient included), and uint8 pixels with none."""
+    inputs = make_inputs(2, 3, 16, 24, 8, 16, F32, norm="both")
+    for name in ("pixels", "weight", "bias", "cls_token", "pos_embed"):
+        inputs[name].requires_grad_()
+    torch.library.opcheck(patch_embed_op, (*op_args(inputs), *norm_args(inputs), BACKEND))
+    bare = make_inputs(
+        1, 1, 16, 8, 8, 16, BF16, "uint8", cls=False, pos=False, bias=False, norm=None
+    )
+    bare["weight"].requires_grad_()
+    torch.library.opcheck(patch_embed_op, (*op_args(bare), None, None, BACKEND))
 
 
 def test_uint8_pixels_have_no_gradient():

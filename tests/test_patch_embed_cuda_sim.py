@@ -24,10 +24,13 @@ from tests.patch_embed_testing import (
     F16,
     F32,
     GRAD_NAMES,
+    assert_close,
     check_against_reference,
     make_inputs,
     norm_args,
     op_args,
+    reference64,
+    torch_low_precision,
 )
 from vlm_kernels._backends import _extension
 from vlm_kernels.ops.patch_embed import TABLE, patch_embed_op
@@ -177,6 +180,29 @@ def test_through_the_op_with_autograd():
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for name, a, b in zip(GRAD_NAMES, grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [F16, F32], ids=str)
+def test_unaligned_and_strided_operands(dtype):
+    """A weight and a grad_out 8 bytes off 16-byte alignment (their tiles are staged by element
+    copies instead of cp.async), a strided bias and a transposed pos_embed give the same results."""
+    inputs = make_inputs(2, 3, 16, 24, 8, 64, dtype, "float32", norm="both")
+    shift = 8 // dtype.itemsize  # elements in 8 bytes
+    weight = inputs["weight"]
+    storage = torch.empty(weight.numel() + shift, dtype=dtype)
+    inputs["weight"] = storage[shift:].view(weight.shape).copy_(weight)
+    assert inputs["weight"].data_ptr() % 16 != 0
+    inputs["bias"] = torch.randn(2 * 64, dtype=dtype)[::2]
+    inputs["pos_embed"] = torch.randn(64, 7, dtype=dtype).T
+    out = forward(inputs)
+    grad = torch.randn(out.numel() + shift, dtype=dtype)[shift:].view(out.shape)
+    assert grad.data_ptr() % 16 != 0
+    exact_out, exact_grads = reference64(inputs, grad, True)
+    peer_out, peer_grads = torch_low_precision(inputs, grad, True)
+    assert_close("out", out, exact_out, peer_out, dtype)
+    grads = backward(inputs, grad, True)
+    for name, ours, exact in zip(GRAD_NAMES, grads, exact_grads, strict=True):
+        assert_close(f"grad_{name}", ours, exact, peer_grads[name], dtype)
 
 
 def test_opcheck():

@@ -6,7 +6,9 @@
 // pixel: its A row is zero), so the output is written row-major in one pass. Per reduction step of
 // 32 features, double-buffered (patch_embed_tiles.cuh):
 //   A  [64 tokens][32 features]: gathered from the image with the normalization fused
-//      (x * scale[c] + shift[c], uint8 included), converted to the weight's dtype, plain stores;
+//      (x * scale[c] + shift[c], uint8 included), converted to the weight's dtype; staged in
+//      registers (PatchGather: the loads of step s + 1 are issued before step s's MMAs, stored to
+//      shared memory after them);
 //   B  [64 D][32 features] of the weight ([D, K], K contiguous): cp.async 16 B when K and the
 //      pointer allow it (zero-fill past K / D), else element copies;
 //   mma m16n8k16 (bf16 / fp16; ldmatrix.x4 for both operands) or 3xTF32 m16n8k8 (float32).
@@ -49,20 +51,20 @@ __global__ void __launch_bounds__(kThreads)
   FragC acc[kTilesN];
   zero(acc);
   const auto weight_row = [&](int64_t d) -> int64_t { return d < dim ? d * features : -1; };
-  pipelined_steps((features + kDepth - 1) / kDepth,
-                  [&](int stage, int step) {
-                    gather_patch_tile<T, kRows, kDepth>(&sm.a[stage][0][0], Storage::kRowA, p.image,
-                                                        p.tokens, cls_rows, row_begin, rows_total,
-                                                        step * kDepth, features);
-                    copy_tile<T, kCols, kDepth>(&sm.b[stage][0][0], Storage::kRowB, weight,
-                                                weight_row, col_begin, step * kDepth, features,
-                                                weight_vector);
-                    tc::cp_async_commit();
-                  },
-                  [&](int stage) {
-                    warp_tile_mma<T, false, false>(acc, &sm.a[stage][0][0], Storage::kRowA,
-                                                   &sm.b[stage][0][0], Storage::kRowB, 16 * warp);
-                  });
+  PatchGather<kRows, kDepth> gather;
+  pipelined_steps(
+      (features + kDepth - 1) / kDepth,
+      [&](int stage, int step) {
+        copy_tile<T, kCols, kDepth>(&sm.b[stage][0][0], Storage::kRowB, weight, weight_row,
+                                    col_begin, step * kDepth, features, weight_vector);
+        tc::cp_async_commit();
+        gather.load(p.image, p.tokens, cls_rows, row_begin, rows_total, step * kDepth, features);
+      },
+      [&](int stage) { gather.store(&sm.a[stage][0][0], Storage::kRowA); },
+      [&](int stage) {
+        warp_tile_mma<T, false, false>(acc, &sm.a[stage][0][0], Storage::kRowA, &sm.b[stage][0][0],
+                                       Storage::kRowB, 16 * warp);
+      });
 
   // Accumulator element (row g + 8 h, column 8 j + 2 t + e) is acc[j].x[2 h + e].
   const int g = lane / 4, t = lane % 4;

@@ -6,7 +6,8 @@
 //   [s, D, K]; a second kernel sums the partials in split order (deterministic, no atomics).
 //   Per step: A = dYp tile [32 patches][64 D] (cp.async when D and the pointer allow it), read
 //   transposed (ldmatrix.x4.trans / scalar tf32 fragments); B = X tile [32 patches][64 features]
-//   gathered and normalized like the forward's A tile, k-major (ldmatrix.x4.trans).
+//   gathered, normalized and register-staged like the forward's A tile, k-major
+//   (ldmatrix.x4.trans).
 // pixels: dX[B*Np, K] = dYp W on tensor cores. Grid (ceil(B*Np / 64), ceil(K / 64)); per step of 32
 //   along D: A = dYp tile [64 patches][32 D] (row-major), B = W tile [32 D][64 features] (k-major,
 //   cp.async when K allows). Epilogue: * scale[c] (1/std) and scattered to [B, C, H, W] (stride =
@@ -79,17 +80,18 @@ __global__ void __launch_bounds__(kThreads)
 
   FragC acc[kTilesN];
   zero(acc);
+  PatchGather<kDepth, kCols> gather;
   pipelined_steps(
       static_cast<int>((patch_end - patch_begin + kDepth - 1) / kDepth),
       [&](int stage, int step) {
         const int64_t first = patch_begin + static_cast<int64_t>(step) * kDepth;
         copy_tile<T, kDepth, kRows>(&sm.dy[stage][0][0], Storage::kRowA, grad_out, grad_row, first,
                                     d_begin, dim, grad_vector);
-        gather_patch_tile<T, kDepth, kCols>(&sm.x[stage][0][0], Storage::kRowB, p.image,
-                                            p.image.patches_per_image, 0, first, patch_end,
-                                            feature_begin, features);
         tc::cp_async_commit();
+        gather.load(p.image, p.image.patches_per_image, 0, first, patch_end, feature_begin,
+                    features);
       },
+      [&](int stage) { gather.store(&sm.x[stage][0][0], Storage::kRowB); },
       [&](int stage) {
         warp_tile_mma<T, true, true>(acc, &sm.dy[stage][0][0], Storage::kRowA, &sm.x[stage][0][0],
                                      Storage::kRowB, 16 * warp);
@@ -152,6 +154,7 @@ __global__ void __launch_bounds__(kThreads)
                                     step * kDepth, feature_begin, features, weight_vector);
         tc::cp_async_commit();
       },
+      [](int) {},  // both operands come by copy_tile
       [&](int stage) {
         warp_tile_mma<T, false, true>(acc, &sm.dy[stage][0][0], Storage::kRowA, &sm.w[stage][0][0],
                                       Storage::kRowB, 16 * warp);

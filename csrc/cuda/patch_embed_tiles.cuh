@@ -1,6 +1,7 @@
 // The pieces the patch_embed forward (patch_embed.cu) and backward (patch_embed_bwd.cu) kernels
-// share: element conversions, the patch gather with the fused normalization, the shared-memory
-// tile copies, the warp's 16 x 64 tensor-core tile product and the double-buffered main loop.
+// share: element conversions, the register-staged patch gather with the fused normalization, the
+// shared-memory tile copies, the warp's 16 x 64 tensor-core tile product and the double-buffered
+// main loop.
 //
 // Every GEMM here is a block of 4 warps computing a 64 x 64 output tile, warp w owning rows
 // [16 w, 16 w + 16) and all 64 columns (8 n8 accumulators), over reduction steps of 32. Operand
@@ -130,37 +131,74 @@ __device__ __forceinline__ int64_t pixel_offset(const PatchEmbedPixels& g, int64
   return image * stride_b + c * stride_c + (r * p + u) * stride_h + (s * p + v) * stride_w;
 }
 
-// Gathers X[rows, features] of the image into the shared tile [kTileRows][kTileCols] (row
-// stride `stride`) in T: tile row j is GEMM row row_begin + j, a token of `rows_per_image`
-// per image whose first `cls_rows` (0 or 1) tokens are CLS rows (zeros, they read no pixel);
-// columns are features feature_begin.. (zeros past K). Plain loads and stores: the caller's
-// barrier publishes them.
-template <typename T, int kTileRows, int kTileCols>
-__device__ __forceinline__ void gather_patch_tile(T* tile, int stride, const PatchEmbedPixels& g,
-                                                  int64_t rows_per_image, int cls_rows,
-                                                  int64_t row_begin, int64_t row_end,
-                                                  int feature_begin, int features) {
-  for (int e = threadIdx.x; e < kTileRows * kTileCols; e += kThreads) {
-    const int j = e / kTileCols;
-    const int col = e - j * kTileCols;
-    const int64_t row = row_begin + j;
+// The image part X[rows, features] of a [kTileRows][kTileCols] tile, staged in registers: tile row
+// j is GEMM row row_begin + j, a token of `rows_per_image` per image whose first `cls_rows` (0 or
+// 1) tokens are CLS rows (zeros, they read no pixel); columns are features feature_begin.. (zeros
+// past K). load() issues the pixel loads of the next step before the current step's MMAs, store()
+// normalizes and writes them to shared memory after them, so the gather's global latency overlaps
+// the tensor-core work (the pixels cannot go by cp.async: they are converted and normalized).
+// A thread's elements share one tile column (kThreads is a multiple of kTileCols), so the channel,
+// the feature's pixel offset and the normalization constants are computed once per step.
+template <int kTileRows, int kTileCols>
+struct PatchGather {
+  static_assert(kThreads % kTileCols == 0, "a thread's elements must share one column");
+  static constexpr int kCount = kTileRows * kTileCols / kThreads;  // elements per thread
+  static constexpr int kRowStep = kThreads / kTileCols;            // rows between them
+  static_assert(kCount <= 32, "one validity bit per element");
+  float raw[kCount];
+  unsigned valid = 0;  // bit i: element i lies in the image (else it is padding: 0)
+  float scale = 1.0f;
+  float shift = 0.0f;
+
+  __device__ __forceinline__ void load(const PatchEmbedPixels& g, int64_t rows_per_image,
+                                       int cls_rows, int64_t row_begin, int64_t row_end,
+                                       int feature_begin, int features) {
+    const int col = threadIdx.x % kTileCols;
     const int feature = feature_begin + col;
-    float value = 0.0f;
-    if (row < row_end && feature < features) {
+    valid = 0;
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) raw[i] = 0.0f;
+    if (feature >= features) return;
+    const int p = static_cast<int>(g.patch);
+    const int c = feature / (p * p);
+    const int uv = feature - c * p * p;
+    const int u = uv / p;
+    const int v = uv - u * p;
+    if (g.scale != nullptr) {
+      scale = g.scale[c];
+      shift = g.shift[c];
+    }
+    const int64_t feature_offset = c * g.stride_channel + u * g.stride_height + v * g.stride_width;
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int64_t row = row_begin + threadIdx.x / kTileCols + i * kRowStep;
+      if (row >= row_end) continue;
       const int64_t image = row / rows_per_image;
       const int64_t token = row - image * rows_per_image;
-      if (token >= cls_rows) {
-        int c = 0;
-        const int64_t offset =
-            pixel_offset(g, image * g.patches_per_image + token - cls_rows, feature, g.stride_batch,
-                         g.stride_channel, g.stride_height, g.stride_width, &c);
-        value = load_pixel(g.pixels, offset, g.pixel_dtype);
-        if (g.scale != nullptr) value = fmaf(value, g.scale[c], g.shift[c]);
-      }
+      if (token < cls_rows) continue;
+      const int64_t patch = token - cls_rows;
+      const int64_t r = patch / g.patches_w;
+      const int64_t s = patch - r * g.patches_w;
+      const int64_t offset = image * g.stride_batch + (r * p) * g.stride_height +
+                             (s * p) * g.stride_width + feature_offset;
+      raw[i] = load_pixel(g.pixels, offset, g.pixel_dtype);
+      valid |= 1u << i;
     }
-    st_shared(&tile[j * stride + col], from_float<T>(value));
   }
-}
+
+  // Normalized, converted to T, into the shared tile (row stride `stride`). Plain stores: the
+  // caller's barrier publishes them.
+  template <typename T>
+  __device__ __forceinline__ void store(T* tile, int stride) const {
+    const int col = threadIdx.x % kTileCols;
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int j = threadIdx.x / kTileCols + i * kRowStep;
+      const float value = ((valid >> i) & 1u) != 0u ? fmaf(raw[i], scale, shift) : 0.0f;
+      st_shared(&tile[j * stride + col], from_float<T>(value));
+    }
+  }
+};
 
 // Copies rows of a row-major global matrix into the shared tile [kTileRows][kTileCols]:
 // tile row j is src + row_offset(row_begin + j) (a negative offset: a zero row), columns
@@ -251,26 +289,30 @@ __device__ __forceinline__ void warp_tile_mma(FragC (&acc)[kTilesN], const T* a,
   }
 }
 
-// The double-buffered main loop over `steps` reduction steps: load(stage, step) fills the shared
-// stage (cp.async and/or plain stores) and commits exactly one cp.async group; compute(stage)
-// reads it. Step s + 1 is loaded while step s is computed.
-template <typename Load, typename Compute>
-__device__ __forceinline__ void pipelined_steps(int steps, const Load& load,
+// The double-buffered main loop over `steps` reduction steps. issue(stage, step) starts step's
+// loads: the cp.async copies into the shared stage, committed as exactly one group, and any
+// register-staged loads; finish(stage) writes the register-staged part into the stage;
+// compute(stage) reads it. Step s + 1 is issued before step s is computed and finished after it.
+template <typename Issue, typename Finish, typename Compute>
+__device__ __forceinline__ void pipelined_steps(int steps, const Issue& issue, const Finish& finish,
                                                 const Compute& compute) {
   if (steps <= 0) return;
-  load(0, 0);
+  issue(0, 0);
+  finish(0);
   for (int step = 0; step < steps; ++step) {
     const int stage = step & 1;
-    if (step + 1 < steps) {
+    const bool has_next = step + 1 < steps;
+    if (has_next) {
       // Stage `stage ^ 1` was last read in the previous step, which ended with a barrier.
-      load(stage ^ 1, step + 1);
+      issue(stage ^ 1, step + 1);
       tc::cp_async_wait<1>();  // this step's group has landed; the next one is in flight
     } else {
       tc::cp_async_wait<0>();
     }
     __syncthreads();  // the stage (copies and plain stores of every thread) is visible
     compute(stage);
-    __syncthreads();  // every warp is done with the stage before it is refilled
+    if (has_next) finish(stage ^ 1);  // no warp reads stage ^ 1 during this step
+    __syncthreads();                  // every warp is done with the stage before it is refilled
   }
 }
 

@@ -29,159 +29,22 @@ if not ON_CUDA and not triton.knobs.runtime.interpret:
     )
 
 import vlm_kernels as vk  # noqa: E402
-from vlm_kernels.ops.patch_embed import patch_embed_op  # noqa: E402
-from vlm_kernels.reference.patch_embed import (  # noqa: E402
-    patch_embed_backward_reference,
-    patch_embed_reference,
-    to_patches,
+from tests.patch_embed_testing import (  # noqa: E402
+    BF16,
+    F16,
+    F32,
+    GRAD_NAMES,
+    check_against_reference,
+    make_inputs,
+    poisoned_allocations,
 )
+from tests.patch_embed_testing import norm_args as _norm  # noqa: E402
+from tests.patch_embed_testing import op_args as _args  # noqa: E402
+from vlm_kernels.ops.patch_embed import patch_embed_op  # noqa: E402
 from vlm_kernels.triton import patch_embed as pe  # noqa: E402
 from vlm_kernels.triton._launch import force_triton_config, triton_config_counts  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tensors_on_test_device")
-
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# Per weight dtype: the floor of the tolerance, as a fraction of the reference's largest magnitude.
-FLOOR = {F32: 1e-5, BF16: 1e-2, F16: 2e-3}
-GRAD_NAMES = ("pixels", "weight", "bias", "cls_token", "pos_embed")
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """``torch.empty`` gives NaN-filled float tensors while active."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        tensor = empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    torch.empty = poisoned
-    try:
-        yield
-    finally:
-        torch.empty = empty
-
-
-# ---- cases -------------------------------------------------------------------------------------------
-
-
-def make_inputs(
-    batch,
-    channels,
-    height,
-    width,
-    patch,
-    dim,
-    dtype,
-    pixels="float32",
-    *,
-    cls=True,
-    pos=True,
-    bias=True,
-    norm="both",
-):
-    """pixels: "uint8", a float dtype name, or "strided" (a float32 view: every other row of a
-    taller image, channels last); norm: "both", "mean", "std" or None."""
-    shape = (batch, channels, height, width)
-    if pixels == "uint8":
-        x = torch.randint(0, 256, shape, dtype=torch.uint8)
-    elif pixels == "strided":
-        x = torch.randn(batch, 2 * height, width, channels).permute(0, 3, 1, 2)[:, :, ::2]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(shape, dtype=getattr(torch, pixels))
-    fan_in = channels * patch * patch
-    weight = (torch.randn(dim, channels, patch, patch) / fan_in**0.5).to(dtype)
-    tokens = (height // patch) * (width // patch) + cls
-    return {
-        "pixels": x,
-        "weight": weight,
-        "bias": torch.randn(dim, dtype=dtype) if bias else None,
-        "cls_token": torch.randn(dim, dtype=dtype) if cls else None,
-        "pos_embed": torch.randn(tokens, dim, dtype=dtype) if pos else None,
-        "pixel_mean": torch.rand(channels) if norm in ("both", "mean") else None,
-        "pixel_std": torch.rand(channels) + 0.5 if norm in ("both", "std") else None,
-    }
-
-
-def _args(inputs):
-    return tuple(inputs[name] for name in ("pixels", "weight", "bias", "cls_token", "pos_embed"))
-
-
-def _norm(inputs):
-    return inputs["pixel_mean"], inputs["pixel_std"]
-
-
-def reference64(inputs, grad_out, need_pixels_grad):
-    """Forward and gradients of the reference in float64."""
-
-    def up(t):
-        return None if t is None or t.dtype == torch.uint8 else t.double()
-
-    pixels = inputs["pixels"]
-    pixels64 = pixels if pixels.dtype == torch.uint8 else pixels.double()
-    mean, std = (up(t) for t in _norm(inputs))
-    out = patch_embed_reference(
-        pixels64,
-        inputs["weight"].double(),
-        up(inputs["bias"]),
-        cls_token=up(inputs["cls_token"]),
-        pos_embed=up(inputs["pos_embed"]),
-        pixel_mean=mean,
-        pixel_std=std,
-    )
-    grads = patch_embed_backward_reference(
-        grad_out.double(),
-        pixels64,
-        inputs["weight"].double(),
-        mean,
-        std,
-        inputs["cls_token"] is not None,
-        need_pixels_grad,
-    )
-    return out, grads
-
-
-def torch_low_precision(inputs, grad_out, need_pixels_grad):
-    """The patch embedding as a PyTorch user of the weight's dtype writes it (normalize, unfold,
-    matmul, cat CLS, add pos), with autograd: the peer of the tolerance."""
-    weight = inputs["weight"]
-    dtype, (dim, channels, patch, _) = weight.dtype, weight.shape
-    leaves = {
-        name: inputs[name].detach().clone().requires_grad_()
-        for name in ("weight", "bias", "cls_token", "pos_embed")
-        if inputs[name] is not None
-    }
-    pixels = inputs["pixels"]
-    if need_pixels_grad:
-        pixels = leaves["pixels"] = pixels.detach().clone().requires_grad_()
-    mean, std = _norm(inputs)
-    x = pixels.to(dtype)
-    if pixels.dtype == torch.uint8:
-        x = x / 255
-    if mean is not None:
-        x = x - mean.to(dtype).view(1, channels, 1, 1)
-    if std is not None:
-        x = x / std.to(dtype).view(1, channels, 1, 1)
-    out = to_patches(x, patch) @ leaves["weight"].reshape(dim, -1).T
-    if "bias" in leaves:
-        out = out + leaves["bias"]
-    if "cls_token" in leaves:
-        out = torch.cat([leaves["cls_token"].expand(out.shape[0], 1, dim), out], dim=1)
-    if "pos_embed" in leaves:
-        out = out + leaves["pos_embed"]
-    out.backward(grad_out)
-    grads = {name: leaf.grad for name, leaf in leaves.items()}
-    return out.detach(), grads
-
-
-def _assert_close(name, ours, exact, peer, dtype):
-    assert ours.shape == exact.shape, (name, ours.shape, exact.shape)
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values (an unwritten element?)"
-    err = (ours.double() - exact).abs().max().item()
-    peer_err = (peer.double() - exact).abs().max().item()
-    bound = 2 * peer_err + FLOOR[dtype] * max(1.0, exact.abs().max().item())
-    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch {peer_err:.3g})"
 
 
 def triton_forward(inputs):
@@ -204,29 +67,11 @@ def triton_backward(inputs, grad_out, need_pixels_grad, splits=None):
 
 def check_case(inputs, splits=None):
     """Forward and every gradient of the Triton kernels against the reference."""
-    dtype = inputs["weight"].dtype
-    need_pixels_grad = inputs["pixels"].dtype != torch.uint8
-    out = triton_forward(inputs)
-    assert out.dtype == dtype and out.is_contiguous()
-    grad_out = torch.randn_like(out)
-    exact_out, exact_grads = reference64(inputs, grad_out, need_pixels_grad)
-    peer_out, peer_grads = torch_low_precision(inputs, grad_out, need_pixels_grad)
-    _assert_close("out", out, exact_out, peer_out, dtype)
-
-    grads = triton_backward(inputs, grad_out, need_pixels_grad, splits)
-    for name, ours, exact in zip(GRAD_NAMES, grads, exact_grads, strict=True):
-        if name == "pixels" and not need_pixels_grad:
-            assert ours.numel() == 0
-            continue
-        if name == "cls_token" and inputs["cls_token"] is None:
-            assert ours.numel() == 0
-            continue
-        expected_dtype = inputs["pixels"].dtype if name == "pixels" else dtype
-        assert ours.dtype == expected_dtype, (name, ours.dtype)
-        # Without the parameter in the model the peer has no gradient: grad_pos and grad_bias are
-        # still returned (the op discards them); their peer is the exact value itself.
-        peer = peer_grads.get(name, exact)
-        _assert_close(f"grad_{name}", ours, exact, peer, dtype)
+    check_against_reference(
+        inputs,
+        triton_forward,
+        lambda inputs, grad_out, need: triton_backward(inputs, grad_out, need, splits),
+    )
 
 
 # (B, C, H, W, P, D, weight dtype, pixels, cls, pos, bias, norm): every patch size, C 1 and 3, non-square

@@ -25,7 +25,7 @@
 // float32 inputs: 3xTF32 (a*b ~ ah*bh + ah*bl + al*bh with ah = tf32(a), al = tf32(a - ah)), which
 // keeps fp32-level accuracy (errors measured in tests/test_image_text_attention_cuda_sim.py and
 // the README); plain 1xTF32 (~1e-3 relative) fails the fp32 tolerance of DESIGN §6 and is not
-// offered.
+// offered. The 3xTF32 step itself: common/mma_ops.cuh, shared with patch_embed.
 // Skipping. Before the key loop, the block tests the media chunks in windows of 128 (one per
 // thread): per distinct query row of its slots a ballot gives that row's visibility bits (kept in
 // shared memory for the per-row masking), and their union is split into runs of consecutive
@@ -47,11 +47,11 @@
 // checker sees every access.
 // gpu-report: *image_text_attention_prefill_kernel* tensor_cores
 // gpu-report: *image_text_attention_decode_kernel* tensor_cores
-#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
 #include "common/cuda_compat.cuh"
+#include "common/mma_ops.cuh"
 #include "common/tensor_core.cuh"
 #include "cuda/image_text_attention.h"
 
@@ -115,16 +115,6 @@ struct Element<__nv_bfloat16> {
   }
 };
 
-// D += A B on m16n8k16 for the 16-bit type T.
-template <typename T>
-__device__ __forceinline__ void mma16(FragC& acc, const FragA& a, const FragB& b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    tc::mma_m16n8k16_bf16(acc, a, b, acc);
-  } else {
-    tc::mma_m16n8k16_f16(acc, a, b, acc);
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -132,34 +122,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   } else {
     return tc::pack_f16(lo, hi);
   }
-}
-
-// D += A B in ~fp32 precision on m16n8k8 tf32 (3xTF32): x = hi + lo with hi = tf32(x) and
-// lo = tf32(x - hi), a b ~ a_hi b_hi + (a_lo b_hi + a_hi b_lo). The two small cross terms go to a
-// separate accumulator that is added only when it is not NaN: with an inf operand x - hi is NaN
-// and a_lo * inf + a_hi * b_lo can be inf - inf, where fp32 gives +-inf. Dropping a NaN of the
-// small terms loses nothing: a NaN or inf operand also reaches the hi * hi product, as in fp32.
-__device__ __forceinline__ void mma_3xtf32(FragC& acc, const float (&a)[4], const float (&b)[2]) {
-  FragA a_hi, a_lo;
-  FragB b_hi, b_lo;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    a_hi.x[i] = tc::to_tf32(a[i]);
-    a_lo.x[i] = tc::to_tf32(a[i] - __uint_as_float(a_hi.x[i]));
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    b_hi.x[i] = tc::to_tf32(b[i]);
-    b_lo.x[i] = tc::to_tf32(b[i] - __uint_as_float(b_hi.x[i]));
-  }
-  FragC small;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) small.x[i] = 0.0f;
-  tc::mma_m16n8k8_tf32(small, a_lo, b_hi, small);
-  tc::mma_m16n8k8_tf32(small, a_hi, b_lo, small);
-  tc::mma_m16n8k8_tf32(acc, a_hi, b_hi, acc);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) acc.x[i] += fminf(fmaxf(small.x[i], -FLT_MAX), FLT_MAX);
 }
 
 template <typename T, int kHeadDim>
@@ -348,7 +310,7 @@ __device__ __forceinline__ void compute_scores(FragC (&s)[Element<T>::kBlockN / 
       for (int j = 0; j < kTilesN; ++j) {
         const float* row = &sm.k[stage][8 * j + g][8 * ks + t4];
         const float b[2] = {ld_shared(row), ld_shared(row + 4)};
-        mma_3xtf32(s[j], q.a[ks], b);
+        tc::mma_m16n8k8_3xtf32(s[j], q.a[ks], b);
       }
     }
   } else {
@@ -362,8 +324,8 @@ __device__ __forceinline__ void compute_scores(FragC (&s)[Element<T>::kBlockN / 
         FragB b0, b1;
         const T* row = &sm.k[stage][8 * (2 * jp + m / 2) + lane % 8][16 * ks + 8 * (m % 2)];
         tc::ldmatrix_x4(b0.x[0], b0.x[1], b1.x[0], b1.x[1], row);
-        mma16<T>(s[2 * jp], q.a[ks], b0);
-        mma16<T>(s[2 * jp + 1], q.a[ks], b1);
+        tc::mma_m16n8k16<T>(s[2 * jp], q.a[ks], b0);
+        tc::mma_m16n8k16<T>(s[2 * jp + 1], q.a[ks], b1);
       }
     }
   }
@@ -389,7 +351,7 @@ __device__ __forceinline__ void accumulate_pv(FragC (&o)[kHeadDim / 8],
       for (int n = 0; n < kHeadDim / 8; ++n) {
         const float b[2] = {ld_shared(&sm.v[stage][8 * j + 2 * t4][8 * n + g]),
                             ld_shared(&sm.v[stage][8 * j + 2 * t4 + 1][8 * n + g])};
-        mma_3xtf32(o[n], a, b);
+        tc::mma_m16n8k8_3xtf32(o[n], a, b);
       }
     }
   } else {
@@ -410,8 +372,8 @@ __device__ __forceinline__ void accumulate_pv(FragC (&o)[kHeadDim / 8],
         FragB b0, b1;
         const T* row = &sm.v[stage][16 * ks + 8 * (m % 2) + lane % 8][8 * (2 * np + m / 2)];
         tc::ldmatrix_x4_trans(b0.x[0], b0.x[1], b1.x[0], b1.x[1], row);
-        mma16<T>(o[2 * np], a, b0);
-        mma16<T>(o[2 * np + 1], a, b1);
+        tc::mma_m16n8k16<T>(o[2 * np], a, b0);
+        tc::mma_m16n8k16<T>(o[2 * np + 1], a, b1);
       }
     }
   }

@@ -7,6 +7,7 @@
 #include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
 #include "torch/ops.h"
+#include "torch/patch_embed_gpu.h"
 
 #ifndef VLMK_CUDA_ARCHS
 #define VLMK_CUDA_ARCHS ""
@@ -22,6 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
   m.def("image_text_attention_bwd_cuda", &vlmk::image_text_attention_bwd_cuda, "grad_out"_a, "q"_a,
         "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a, "uniform"_a);
+  m.def("patch_embed_fwd_cuda", &vlmk::patch_embed_fwd_cuda, "pixels"_a, "weight"_a, "bias"_a,
+        "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);
+  m.def("patch_embed_bwd_cuda", &vlmk::patch_embed_bwd_cuda, "grad_out"_a, "pixels"_a, "weight"_a,
+        "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
@@ -40,6 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("image_text_attention_bwd_cuda_sim", &vlmk::image_text_attention_bwd_cuda_sim, "grad_out"_a,
         "q"_a, "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a,
         "uniform"_a);
+  m.def("patch_embed_fwd_cuda_sim", &vlmk::patch_embed_fwd_cuda_sim, "pixels"_a, "weight"_a,
+        "bias"_a, "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);
+  m.def("patch_embed_bwd_cuda_sim", &vlmk::patch_embed_bwd_cuda_sim, "grad_out"_a, "pixels"_a,
+        "weight"_a, "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
   // The SIMT emulator's settings for the cuda_sim launches that follow (the SIMT_* environment
   // variables are read once per process). Arguments left None keep their value; returns the
   // previous settings as a dict, which can be passed back to restore them.

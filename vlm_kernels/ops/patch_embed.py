@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
@@ -229,3 +230,37 @@ def _backward_triton(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, n
 TABLE.forward["triton"] = _forward_triton
 TABLE.backward["triton"] = _backward_triton
 TABLE.dtypes["triton"] = FLOAT_DTYPES  # weight dtypes (float64: the reference)
+
+
+def _compiled_forward(function_name: str):
+    """A forward kernel of vlm_kernels._C (the CUDA kernels: cuda, or cuda_sim through the emulator)."""
+
+    def kernel(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std):
+        function = getattr(_extension()[0], function_name)
+        return function(pixels, weight, bias, cls_token, pos_embed, pixel_mean, pixel_std)
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+def _compiled_backward(function_name: str):
+    """A backward kernel of vlm_kernels._C; grad_pixels only for float pixels."""
+
+    def kernel(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, need_pixels_grad):
+        if need_pixels_grad and pixels.dtype == torch.uint8:
+            raise ValueError("patch_embed: uint8 pixels have no gradient")
+        function = getattr(_extension()[0], function_name)
+        return function(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, need_pixels_grad)
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+# CUDA: implicit GEMM on tensor cores (mma.sync; float32 as 3xTF32), forward and backward
+# (deterministic split-K weight gradient), csrc/cuda/patch_embed*.cu.
+TABLE.forward["cuda"] = _compiled_forward("patch_embed_fwd_cuda")
+TABLE.forward["cuda_sim"] = _compiled_forward("patch_embed_fwd_cuda_sim")
+TABLE.backward["cuda"] = _compiled_backward("patch_embed_bwd_cuda")
+TABLE.backward["cuda_sim"] = _compiled_backward("patch_embed_bwd_cuda_sim")
+for _backend in ("cuda", "cuda_sim"):
+    TABLE.dtypes[_backend] = FLOAT_DTYPES  # weight dtypes (float64: the reference)

@@ -5,16 +5,23 @@
                                    "train" (json: TrainConfig, step, loss history, optimizer groups)
 
 ``load_model`` needs only the first file; resuming a run needs both.
+
+Saves are atomic: each file is written to a temporary file in the same directory, flushed to disk
+(fsync) and renamed over the old one (``os.replace``), so a run killed mid-save leaves the previous
+checkpoint whole. A training checkpoint's two files carry the step they were saved at, and a resume
+refuses a pair from different steps (a kill between the two renames).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
@@ -24,13 +31,52 @@ MODEL_FILE = "model.safetensors"
 TRAIN_FILE = "train_state.safetensors"
 
 
-def save_model(directory: str | Path, model: VisionLanguageModel, tokenizer: Tokenizer) -> Path:
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` all or nothing: a temporary file in the same directory (a rename
+    across file systems would not be atomic), fsync, ``os.replace``, then fsync of the directory so
+    the rename itself is on disk. On any error the temporary file is removed and ``path`` is as it was."""
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def save_model(
+    directory: str | Path,
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    *,
+    step: int | None = None,
+) -> Path:
+    """Writes the weights, config and tokenizer to ``directory``/model.safetensors (atomically);
+    ``step``: the training step, recorded so a resume can check the train state is of the same one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     metadata = {"config": model.config.to_json(), "tokenizer": tokenizer.to_json()}
-    save_file(state, directory / MODEL_FILE, metadata=metadata)
-    return directory / MODEL_FILE
+    if step is not None:
+        metadata["step"] = str(step)
+    return atomic_write(directory / MODEL_FILE, save(state, metadata=metadata))
+
+
+def saved_model_step(directory: str | Path) -> int | None:
+    """The training step recorded in ``directory``/model.safetensors (None: saved outside training)."""
+    with safe_open(Path(directory) / MODEL_FILE, framework="pt") as f:
+        step = f.metadata().get("step")
+    return None if step is None else int(step)
 
 
 def load_model(
@@ -65,8 +111,7 @@ def save_train_state(
         for key, value in values.items():
             tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous().cpu()
     metadata = {"train": json.dumps({**train, "param_groups": state["param_groups"]})}
-    save_file(tensors, directory / TRAIN_FILE, metadata=metadata)
-    return directory / TRAIN_FILE
+    return atomic_write(directory / TRAIN_FILE, save(tensors, metadata=metadata))
 
 
 def load_train_state(

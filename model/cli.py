@@ -12,10 +12,30 @@ from model.config import PRESETS, TrainConfig
 from model.data import TASKS
 
 BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda", "cuda_sim")
+DEFAULT_OUT = "model/out/checkpoint"
+# TrainConfig fields that are not set from a flag of the same name (the rest are).
+_FLAG_FIELDS = {"no_augment": "augment"}
 
 
 def _backend(value: str) -> str | None:
     return None if value == "auto" else value
+
+
+def resolve_device(value: str | None) -> torch.device:
+    """--device: None means cuda when this machine has one, else cpu. Under torchrun, a bare "cuda"
+    is this process's GPU (LOCAL_RANK)."""
+    if value is None:
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(f"--device {value!r} is not a device: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {value}: this machine has no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +52,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="vlm_kernels backend of the model's ops: auto picks the fastest kernel for the tensors' "
         "device (VLMK_BACKEND overrides auto); reference is the plain-PyTorch spec",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs: cpu, cuda or cuda:N (default: cuda when available, else cpu; "
+        "under torchrun each rank takes its LOCAL_RANK's GPU)",
     )
 
 
@@ -131,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
     train.add_argument(
         "--out",
-        default="model/out/checkpoint",
-        help="checkpoint directory (model.safetensors + train_state.safetensors)",
+        default=None,
+        help="checkpoint directory (model.safetensors + train_state.safetensors); default "
+        f"{DEFAULT_OUT}, or with --resume the resumed run's directory",
     )
     train.add_argument(
         "--checkpoint-every",
@@ -143,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         default=None,
-        help="checkpoint directory of a run to continue (its saved settings are used; the losses "
-        "continue exactly as if it had not stopped)",
+        help="checkpoint directory of a run to continue: its saved settings, overridden by the "
+        "flags given here (--steps above the saved step extends the run; the eval/checkpoint "
+        "cadence, lr schedule, batch size and tasks may change; --preset, --video-frames and --seed "
+        "may not). Unchanged, the losses continue exactly as if it had not stopped",
     )
 
     generate = commands.add_parser(
@@ -175,9 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument(
         "--no-cache", action="store_true", help="recompute everything each step (no KV/image cache)"
-    )
-    generate.add_argument(
-        "--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N"
     )
     generate.add_argument(
         "--cuda-graph",
@@ -228,51 +254,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "eval":
-        return _eval(args)
-    from model.demo import run_demo
+    try:
+        args.device = resolve_device(args.device)
+        if args.command == "train":
+            return _train(args, argv)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "eval":
+            return _eval(args)
+        from model.demo import run_demo
 
-    return run_demo(args, _train_config(args))
+        return run_demo(args, _train_config(args))
+    except ValueError as error:
+        # Bad arguments found past the parser (a device, a resume that cannot be): say so, exit 2.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
-def _train(args) -> int:
+def given_options(argv: list[str]) -> set[str]:
+    """The dests of the options ``argv`` sets explicitly (parsed again with every default
+    suppressed, so abbreviations and --flag=value count as argparse counts them)."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices[argv[0]]._actions:
+        action.default = argparse.SUPPRESS
+    namespace = parser.parse_args(argv)
+    return set(vars(namespace)) - {"command"}
+
+
+def _train(args, argv: list[str]) -> int:
+    import dataclasses
+
     from model.train import init_distributed_from_env, saved_train_config, train
 
-    init_distributed_from_env()
+    init_distributed_from_env(args.device)
     if args.resume:
-        config = saved_train_config(args.resume)
-        config.backend = _backend(args.backend)
+        # The saved run's settings, with what this command line says explicitly on top.
+        fresh = dataclasses.asdict(_train_config(args))
+        names = {_FLAG_FIELDS.get(dest, dest) for dest in given_options(argv)} & set(fresh)
+        config = dataclasses.replace(
+            saved_train_config(args.resume),
+            **{name: fresh[name] for name in names},
+            backend=_backend(args.backend),
+        )
+        out = args.out or args.resume
     else:
         config = _train_config(args)
-    result = train(config, out=args.out, resume=args.resume)
+        out = args.out or DEFAULT_OUT
+    result = train(config, out=out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"trained to step {len(result.losses)} in {result.seconds:.1f} s; final loss "
-            f"{result.losses[-1]:.4f}; checkpoint in {args.out}"
+            f"{result.losses[-1]:.4f}; checkpoint in {out}"
         )
     return 0
 
 
 def _generate(args) -> int:
     from model.checkpoint import load_model
-    from model.data import Digits, make_batch
+    from model.data import Digits, items_per_sequence, make_batch
     from model.evaluate import predict
 
-    device = torch.device(args.device)
+    device = args.device
     if args.cuda_graph and (device.type != "cuda" or args.no_cache):
         print("--cuda-graph needs --device cuda and the caches (no --no-cache)", file=sys.stderr)
         return 2
     model, tokenizer = load_model(args.checkpoint, device, backend=_backend(args.backend))
     config = model.config
-    data = Digits(seed=_saved_seed(args.checkpoint))
+    run = _saved_run(args.checkpoint, config.max_frames)
+    data = Digits(seed=run.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    per_sequence = {"caption": 1, "interleaved": 2, "video": 3}[args.task]
+    # Images per sequence and frames per clip as the checkpoint's run trained them.
+    per_sequence = items_per_sequence(args.task, run.interleaved_images, run.video_frames)
     if args.digits is not None:
         per_sequence = len(args.digits)
         pools = [torch.nonzero(data.test_labels == d)[:, 0] for d in args.digits]
@@ -314,14 +369,16 @@ def _generate(args) -> int:
     return 0
 
 
-def _saved_seed(checkpoint: str) -> int:
-    """The data split seed of the run (the train state may be absent from a bare model checkpoint)."""
+def _saved_run(checkpoint: str, max_frames: int) -> TrainConfig:
+    """The TrainConfig of the checkpoint's run: its data split seed, images per interleaved sequence
+    and frames per clip. A bare model checkpoint (no train state) has only the model's max_frames:
+    clips of that many frames, the other settings TrainConfig's defaults."""
     from model.train import saved_train_config
 
     try:
-        return saved_train_config(checkpoint).seed
+        return saved_train_config(checkpoint)
     except FileNotFoundError:
-        return 0
+        return TrainConfig(video_frames=max_frames)
 
 
 def _eval(args) -> int:
@@ -329,7 +386,7 @@ def _eval(args) -> int:
     from model.data import Digits
     from model.train import evaluate_tasks
 
-    model, tokenizer = load_model(args.checkpoint, backend=_backend(args.backend))
+    model, tokenizer = load_model(args.checkpoint, args.device, backend=_backend(args.backend))
     try:
         from model.train import saved_train_config
 
@@ -338,7 +395,7 @@ def _eval(args) -> int:
         config = TrainConfig()
     config.tasks = tuple(args.tasks)
     results = evaluate_tasks(
-        model, tokenizer, Digits(seed=config.seed), config, args.examples, torch.device("cpu")
+        model, tokenizer, Digits(seed=config.seed), config, args.examples, args.device
     )
     for task, scores in results.items():
         print(

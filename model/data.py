@@ -77,6 +77,34 @@ class Digits:
         self.test_images, self.test_labels = images[test], labels[test]
 
 
+@dataclass
+class AugmentDraws:
+    """The random numbers of ``augment_images`` for N images: offsets [2, N] (0, 1, 2 = a shift of
+    -1, 0, +1 rows / columns) and the contrast scale [N, 1, 1, 1]. Drawn for a whole global batch
+    and sliced by rows, so a rank augments only its own images and still gets what one process
+    would (``TrainSampler``)."""
+
+    offsets: torch.Tensor
+    scale: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> AugmentDraws:
+        return AugmentDraws(self.offsets[:, start:stop], self.scale[start:stop])
+
+
+def augment_draws(
+    n: int,
+    generator: torch.Generator,
+    shift_probability: float = 0.25,
+    contrast: float = 0.15,
+) -> AugmentDraws:
+    """Draws the augmentation of ``n`` images (see ``augment_images``) from ``generator``."""
+    offsets = torch.randint(0, 3, (2, n), generator=generator)  # 0, 1, 2 = shift -1, 0, +1
+    keep = torch.rand(n, generator=generator) >= shift_probability
+    offsets[:, keep] = 1
+    scale = 1 + contrast * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+    return AugmentDraws(offsets, scale)
+
+
 def augment_images(
     images: torch.Tensor,
     generator: torch.Generator,
@@ -86,17 +114,22 @@ def augment_images(
     """Light augmentation of images [N, C, H, W] uint8: with probability ``shift_probability`` an image
     moves by one pixel in a random direction (zero fill), and every image's intensity is scaled by a
     random factor in [1 - contrast, 1 + contrast]."""
+    draws = augment_draws(images.shape[0], generator, shift_probability, contrast)
+    return apply_augment(images, draws)
+
+
+def apply_augment(images: torch.Tensor, draws: AugmentDraws) -> torch.Tensor:
+    """images [N, C, H, W] uint8 shifted and scaled as ``draws`` (of N images) say."""
     n, channels, height, width = images.shape
+    if draws.offsets.shape != (2, n):
+        raise ValueError(f"draws are for {draws.offsets.shape[1]} images, got {n}")
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
-    offsets = torch.randint(0, 3, (2, n), generator=generator)  # 0, 1, 2 = shift -1, 0, +1
-    keep = torch.rand(n, generator=generator) >= shift_probability
-    offsets[:, keep] = 1
+    offsets = draws.offsets
     rows = (offsets[0][:, None] + torch.arange(height))[:, None, :, None]  # (N, 1, H, 1)
     cols = (offsets[1][:, None] + torch.arange(width))[:, None, None, :]  # (N, 1, 1, W)
     index = torch.arange(n)[:, None, None, None]
     shifted = padded[index, torch.arange(channels)[None, :, None, None], rows, cols]
-    scale = 1 + contrast * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
-    return (shifted.float() * scale).round().clamp(0, 255).to(torch.uint8)
+    return (shifted.float() * draws.scale).round().clamp(0, 255).to(torch.uint8)
 
 
 def make_batch(
@@ -146,8 +179,12 @@ def items_per_sequence(task: str, interleaved_images: int, video_frames: int) ->
 
 class TrainSampler:
     """Random training batches, one task at a time, from one seeded generator (its state is saved in
-    checkpoints, so a resumed run draws the same batches). Every rank draws the same global batch and
-    takes its own rows."""
+    checkpoints, so a resumed run draws the same batches).
+
+    Distributed: every rank draws the random numbers of the whole global batch (its image indices
+    and augmentation: B * K small integers and floats, which keeps the ranks' generators in step)
+    but gathers, augments and tokenizes only its own rows, so the ranks together see exactly the
+    batch one process would."""
 
     def __init__(
         self,
@@ -163,15 +200,23 @@ class TrainSampler:
         self.counts = {"caption": 1, "interleaved": interleaved_images, "video": video_frames}
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self, task: str, batch_size: int) -> Batch:
+    def next(self, task: str, batch_size: int, rows: tuple[int, int] | None = None) -> Batch:
+        """The next global batch of ``batch_size`` sequences of ``task``, or only its rows
+        ``rows = (start, stop)`` (a rank's share; the generator advances by the whole batch)."""
         count = self.counts[task]
+        start, stop = (0, batch_size) if rows is None else rows
+        if not 0 <= start <= stop <= batch_size:
+            raise ValueError(f"rows {rows} are not a range within the batch of {batch_size}")
         index = torch.randint(
             len(self.data.train_labels), (batch_size, count), generator=self.generator
         )
-        images = self.data.train_images[index.flatten()]  # (B*K, 1, 8, 8)
         if self.augment:
-            images = augment_images(images, self.generator)
-        images = images.view(batch_size, count, *images.shape[1:])
+            draws = augment_draws(batch_size * count, self.generator)
+        index = index[start:stop]
+        images = self.data.train_images[index.flatten()]  # (b*K, 1, 8, 8)
+        if self.augment:
+            images = apply_augment(images, draws.rows(start * count, stop * count))
+        images = images.view(stop - start, count, *images.shape[1:])
         return make_batch(task, images, self.data.train_labels[index], self.tokenizer)
 
 

@@ -37,17 +37,21 @@ def auto_backends() -> dict[str, str]:
 
 
 def run_demo(args, config: TrainConfig) -> int:
+    """Runs the demo on ``args.device`` (a torch.device; every batch is moved there) and writes its
+    report to ``args.out``; 0 when every task meets its accuracy target."""
     began = time.perf_counter()
+    device = args.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ops on auto: {auto_backends()}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; ops on auto"
+        f" for CPU tensors: {auto_backends()}"
     )
     print(
         f"training the {config.preset!r} model on {', '.join(config.tasks)} for {config.steps} steps "
         f"of {config.batch_size} sequences per task"
     )
-    result = train(config, out=out / "checkpoint")
+    result = train(config, out=out / "checkpoint", device=device)
     model, tokenizer = result.model.eval(), result.tokenizer
     print(f"trained in {result.seconds:.1f} s ({1000 * result.seconds / config.steps:.0f} ms/step)")
 
@@ -65,7 +69,7 @@ def run_demo(args, config: TrainConfig) -> int:
             interleaved_images=config.interleaved_images,
             video_frames=config.video_frames,
         )
-        predictions, texts[task] = predict(model, batch, tokenizer)
+        predictions, texts[task] = predict(model, batch.to(device), tokenizer)
         right = [p == t for p, t in zip(predictions, batch.digits.tolist(), strict=True)]
         scores[task] = sum(right) / len(right)
         batches[task] = (batch, right)
@@ -92,23 +96,32 @@ def run_demo(args, config: TrainConfig) -> int:
         "steps": config.steps,
         "accuracy": scores,
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "auto_backends": auto_backends(),
     }
     if args.compare_steps:
-        report["backend_check"] = compare_backends(config, args.compare_steps)
-    report["decode"] = decode_speed(model, tokenizer, data, config)
+        report["backend_check"] = compare_backends(config, args.compare_steps, device)
+    report["decode"] = decode_speed(model, tokenizer, data, config, device)
     report["demo_seconds"] = time.perf_counter() - began
     print(f"\ndemo wall time {report['demo_seconds']:.0f} s")
     (out / "demo_results.json").write_text(json.dumps(report, indent=2))
     return 0 if all(scores[t] >= TARGETS[t] for t in scores) else 1
 
 
-def compare_backends(config: TrainConfig, steps: int) -> dict:
+def _synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a timer on CUDA would otherwise read launch time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare_backends(config: TrainConfig, steps: int, device: torch.device) -> dict:
     """The same run (seed, data, model) for ``steps`` steps on backend auto and on "reference", one
     step of each in turn (so load on the machine hits both alike): per-step losses and median step times."""
     print(f"\nbackend check: {steps} training steps, auto vs reference, alternating")
     trainers = {
-        name: Trainer(dataclasses.replace(config, steps=steps, eval_every=0, backend=backend))
+        name: Trainer(
+            dataclasses.replace(config, steps=steps, eval_every=0, backend=backend), device=device
+        )
         for name, backend in (("auto", None), ("reference", "reference"))
     }
     times = {name: [] for name in trainers}
@@ -116,7 +129,7 @@ def compare_backends(config: TrainConfig, steps: int) -> dict:
     for _ in range(steps):
         for name in order:
             start = time.perf_counter()
-            trainers[name].step()
+            trainers[name].step()  # (ends in a host sync: it reads the loss back)
             times[name].append(time.perf_counter() - start)
         order.reverse()  # neither backend always goes first
     auto, ref = (trainers[name].result.losses for name in ("auto", "reference"))
@@ -144,7 +157,13 @@ def compare_backends(config: TrainConfig, steps: int) -> dict:
 
 
 @torch.no_grad()
-def decode_speed(model: VisionLanguageModel, tokenizer, data: Digits, config: TrainConfig) -> dict:
+def decode_speed(
+    model: VisionLanguageModel,
+    tokenizer,
+    data: Digits,
+    config: TrainConfig,
+    device: torch.device,
+) -> dict:
     """Batched greedy decoding of video captions with the image keys/values cached ("kv"), with only
     the image states cached and the k/v projections recomputed every step ("states"), and with the
     vision tower and the k/v recomputed every step ("none"); the self-attention KV cache is on in all
@@ -158,7 +177,7 @@ def decode_speed(model: VisionLanguageModel, tokenizer, data: Digits, config: Tr
         DECODE_BATCH,
         interleaved_images=config.interleaved_images,
         video_frames=config.video_frames,
-    )
+    ).to(device)
     prompt = batch.input_ids[:, : batch.prompt_length()]
     new_tokens = batch.digits.shape[1] + 1
 
@@ -167,8 +186,10 @@ def decode_speed(model: VisionLanguageModel, tokenizer, data: Digits, config: Tr
     tokens = {}
     for _ in range(9):  # round robin over the cases, so load on the machine hits them alike
         for mode, count in times:
+            _synchronize(device)
             start = time.perf_counter()
             out = generate(model, prompt, batch.media, count, image_cache=mode)
+            _synchronize(device)
             times[mode, count].append(time.perf_counter() - start)
             tokens[mode, count] = int((out[:, prompt.shape[1] :] != tokenizer.pad_id).sum())
     results = {}

@@ -82,15 +82,20 @@ def _predict_interleaved(model, batch: Batch, tokenizer: Tokenizer, **generate_o
     return [(w[:-1], w[-1] == "<eos>") for w in words]
 
 
+def score_counts(predictions: list[list[int]], targets: list[list[int]]) -> tuple[int, int]:
+    """(rows with every caption right, captions right) of ``predict``'s rows against the digits."""
+    right = sum(p == t for p, t in zip(predictions, targets, strict=True))
+    hits = sum(
+        sum(a == b for a, b in zip(p, t, strict=False))
+        for p, t in zip(predictions, targets, strict=True)
+    )
+    return right, hits
+
+
 def accuracy(
     model: VisionLanguageModel, batch: Batch, tokenizer: Tokenizer, **generate_options
 ) -> dict[str, float]:
     """{"sequence": every caption of a row right, "digit": per-caption accuracy}."""
     predictions, _ = predict(model, batch, tokenizer, **generate_options)
-    targets = batch.digits.tolist()
-    sequence = sum(p == t for p, t in zip(predictions, targets, strict=True)) / len(targets)
-    hits = sum(
-        sum(a == b for a, b in zip(p, t, strict=False))
-        for p, t in zip(predictions, targets, strict=True)
-    )
-    return {"sequence": sequence, "digit": hits / batch.digits.numel()}
+    right, hits = score_counts(predictions, batch.digits.tolist())
+    return {"sequence": right / len(predictions), "digit": hits / batch.digits.numel()}

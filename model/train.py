@@ -21,10 +21,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model.checkpoint import load_model, load_train_state, save_model, save_train_state
+from model.checkpoint import (
+    load_model,
+    load_train_state,
+    save_model,
+    save_train_state,
+    saved_model_step,
+)
 from model.config import TrainConfig, preset
 from model.data import TASKS, Digits, TrainSampler, eval_batch
-from model.evaluate import accuracy
+from model.evaluate import predict, score_counts
 from model.tokenizer import Tokenizer
 from model.vlm import VisionLanguageModel
 
@@ -77,19 +83,47 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
+# TrainConfig fields a resumed run cannot change, and why: the model's shape, or its initial weights
+# and the train/test split (a new seed would evaluate on images the run trained on). Every other
+# field (steps, the lr schedule, eval and checkpoint cadence, batch size, tasks...) takes its new value.
+RESUME_FIXED = {
+    "preset": "the model's shape",
+    "model_overrides": "the model's shape",
+    "video_frames": "the model's max_frames",
+    "seed": "the initial weights and the train/test split",
+}
+
+
+def check_resume_config(saved: TrainConfig, config: TrainConfig) -> None:
+    """Raises ValueError listing every field of RESUME_FIXED that ``config`` changes from the run
+    being resumed (``saved``)."""
+    changes = [
+        f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r} ({why})"
+        for name, why in RESUME_FIXED.items()
+        if getattr(saved, name) != getattr(config, name)
+    ]
+    if changes:
+        raise ValueError(
+            "a resumed run cannot change " + "; ".join(changes) + ": start a new run to change them"
+        )
+
+
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def init_distributed_from_env() -> None:
-    """Under torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, nccl on GPU."""
+def init_distributed_from_env(device: torch.device | None = None) -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, nccl on GPU (``device``:
+    where this rank trains; None: its GPU when there is one)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+        if on_gpu:
+            torch.cuda.set_device(
+                device if device is not None else int(os.environ.get("LOCAL_RANK", "0"))
+            )
 
 
 def default_device() -> torch.device:
@@ -105,8 +139,15 @@ def evaluate_tasks(
     config: TrainConfig,
     num_examples: int,
     device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """{task: {"sequence": ..., "digit": ...}} on held-out images."""
+    """{task: {"sequence": ..., "digit": ...}} on held-out images.
+
+    ``world`` > 1 (every rank of the process group calls it): each rank decodes its share of the
+    rows and the counts are summed with one all_reduce per task, so every rank gets the whole
+    batch's scores and none waits in a collective while another evaluates alone."""
     was_training = model.training
     model.eval()
     results = {}
@@ -119,8 +160,22 @@ def evaluate_tasks(
             interleaved_images=config.interleaved_images,
             video_frames=config.video_frames,
         )
-        batch = batch.to(device)
-        results[task] = accuracy(model, batch, tokenizer)
+        total = batch.input_ids.shape[0]
+        per_rank = -(-total // world)
+        share = batch.rows(min(total, rank * per_rank), min(total, (rank + 1) * per_rank))
+        counts = torch.zeros(4, dtype=torch.float64, device=device)
+        if share.input_ids.shape[0]:
+            predictions, _ = predict(model, share.to(device), tokenizer)
+            right, hits = score_counts(predictions, share.digits.tolist())
+            counts += torch.tensor(
+                [right, hits, len(predictions), share.digits.numel()],
+                dtype=torch.float64,
+                device=device,
+            )
+        if world > 1:
+            dist.all_reduce(counts)
+        right, hits, rows, digits = counts.tolist()
+        results[task] = {"sequence": right / rows, "digit": hits / digits}
     model.train(was_training)
     return results
 
@@ -164,9 +219,18 @@ class Trainer:
         self.result = TrainResult(self.model, self.tokenizer, config)
         self.step_count = 0
         if resume is not None:
+            check_resume_config(saved_train_config(resume), config)
             saved, _ = load_model(resume, self.device, backend=config.backend)
             self.model.load_state_dict(saved.state_dict())
             train_state, rng = load_train_state(resume, self.optimizer)
+            model_step = saved_model_step(resume)
+            if model_step is not None and model_step != train_state["step"]:
+                raise ValueError(
+                    f"{resume}: the weights are of step {model_step} but the train state of step "
+                    f"{train_state['step']} (a save interrupted between its two files)"
+                )
+            # The optimizer state brought the saved groups' settings; the decay may have changed.
+            self.optimizer.param_groups[0]["weight_decay"] = config.weight_decay
             self.step_count = train_state["step"]
             self.result.losses = train_state["losses"]
             self.result.evals = train_state["evals"]
@@ -190,8 +254,8 @@ class Trainer:
         local = config.batch_size // self.world
         step_loss = torch.zeros((), device=device)
         for i, task in enumerate(self.tasks):
-            batch = self.sampler.next(task, config.batch_size)
-            batch = batch.rows(self.rank * local, (self.rank + 1) * local).to(device)
+            share = (self.rank * local, (self.rank + 1) * local)
+            batch = self.sampler.next(task, config.batch_size, rows=share).to(device)
             sync = i == len(self.tasks) - 1 or self.world == 1
             with (
                 contextlib.nullcontext() if sync else self.wrapped.no_sync(),
@@ -212,7 +276,14 @@ class Trainer:
 
     def evaluate(self, num_examples: int) -> dict[str, dict[str, float]]:
         scores = evaluate_tasks(
-            self.model, self.tokenizer, self.data, self.config, num_examples, self.device
+            self.model,
+            self.tokenizer,
+            self.data,
+            self.config,
+            num_examples,
+            self.device,
+            rank=self.rank,
+            world=self.world,
         )
         self.result.evals.append(
             {"step": self.step_count, **{t: s["sequence"] for t, s in scores.items()}}
@@ -221,7 +292,7 @@ class Trainer:
 
     def save(self, out: str | Path) -> None:
         """The model (+ config, tokenizer) and everything a resume needs."""
-        save_model(out, self.model, self.tokenizer)
+        save_model(out, self.model, self.tokenizer, step=self.step_count)
         rng = {"torch": torch.get_rng_state(), "sampler": self.sampler.generator.get_state()}
         train_state = {
             "step": self.step_count,
@@ -244,9 +315,18 @@ def train(
     """Trains ``config.steps`` steps (or continues the run saved in ``resume``), evaluating every
     ``eval_every`` steps, and saves the final checkpoint to ``out`` (also every ``checkpoint_every``
     steps). ``stop_after``: stop after that step (an interrupted run; the schedule still follows
-    ``config.steps``)."""
+    ``config.steps``).
+
+    ``resume``: ``config`` may change what RESUME_FIXED does not list: ``steps`` above the saved step
+    extends the run (the cosine then spans the new length), the eval and checkpoint cadence apply
+    from the resumed step on."""
     trainer = Trainer(config, resume=resume, device=device)
     rank = trainer.rank
+    if resume is not None and trainer.step_count >= config.steps:
+        raise ValueError(
+            f"the run in {resume} is at step {trainer.step_count}: steps={config.steps} leaves nothing "
+            "to train (pass more steps to extend it)"
+        )
     last = config.steps if stop_after is None else min(config.steps, stop_after)
     bar = tqdm(
         range(trainer.step_count, last),
@@ -260,12 +340,13 @@ def train(
         done = trainer.step_count
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, done - 1):.2e}")
         evaluate = config.eval_every and done % config.eval_every == 0 and done != config.steps
-        if evaluate and rank == 0:
+        if evaluate:  # every rank: each decodes its share of the held-out rows
             scores = trainer.evaluate(config.eval_examples)
-            bar.write(
-                f"step {done}: held-out accuracy "
-                + ", ".join(f"{t} {s['sequence']:.1%}" for t, s in scores.items())
-            )
+            if rank == 0:
+                bar.write(
+                    f"step {done}: held-out accuracy "
+                    + ", ".join(f"{t} {s['sequence']:.1%}" for t, s in scores.items())
+                )
         periodic = config.checkpoint_every and done % config.checkpoint_every == 0
         if out is not None and rank == 0 and (done == last or periodic):
             trainer.save(out)

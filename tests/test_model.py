@@ -387,18 +387,28 @@ def _ddp_worker(rank: int, world: int, store: str, config: TrainConfig, out: str
     try:
         result = train(config, progress=False, device=torch.device("cpu"))
         if rank == 0:
-            torch.save({"losses": result.losses, "state": result.model.state_dict()}, out)
+            torch.save(
+                {
+                    "losses": result.losses,
+                    "state": result.model.state_dict(),
+                    "evals": result.evals,
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ddp_ranks_match_single_process_training(tmp_path):
-    config = dataclasses.replace(TINY, steps=4, warmup_steps=2)
+    # Each rank prepares only its rows of every batch (TrainSampler rows=) and decodes its share of
+    # the held-out rows at step 2 (5 rows: 3 + 2), the counts summed across the ranks.
+    config = dataclasses.replace(TINY, steps=4, warmup_steps=2, eval_every=2, eval_examples=5)
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), config, str(out)), nprocs=2)
     ddp = torch.load(out)
     single = train(config, progress=False)
     torch.testing.assert_close(ddp["losses"], single.losses, atol=1e-5, rtol=1e-5)
+    assert ddp["evals"] == single.evals and [e["step"] for e in single.evals] == [2]
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(ddp["state"][name], value, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -617,3 +627,107 @@ def test_left_padded_prompts_of_different_lengths(model, tokenizer, data):
         generate(model, torch.tensor([[bos, video, pad]]), None, 2)
     with pytest.raises(ValueError, match=r"rows \[1\] of input_ids are all <pad>"):
         generate(model, torch.tensor([[bos, video], [pad, pad]]), None, 2)
+
+
+def _cli_train(out, *flags):
+    tiny = ["--preset", "tiny", "--batch-size", "4", "--warmup-steps", "1", "--eval-every", "0"]
+    return main(["train", *tiny, "--threads", "1", "--out", str(out), *flags])
+
+
+def test_resume_extends_a_run_with_steps_into_its_own_directory(tmp_path, monkeypatch, capsys):
+    from model.checkpoint import saved_model_step
+    from model.train import saved_train_config
+
+    monkeypatch.chdir(tmp_path)  # where the default --out would land
+    run = tmp_path / "run"
+    assert _cli_train(run, "--steps", "3") == 0
+    before = saved_train_config(run)
+    assert main(["train", "--resume", str(run), "--steps", "5", "--eval-every", "2"]) == 0
+    assert "trained to step 5" in capsys.readouterr().out
+    after = saved_train_config(run)
+    assert (after.steps, after.eval_every) == (5, 2)  # the flags given
+    assert after.batch_size == before.batch_size == 4  # the saved run's, not the parser default
+    assert saved_model_step(run) == 5
+    assert not (tmp_path / "model").exists()  # nothing written to the default --out
+    # Asking for no more steps than the run has is an error, not a silent no-op.
+    assert main(["train", "--resume", str(run), "--steps", "5"]) == 2
+    assert "at step 5: steps=5 leaves nothing to train" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_model_shape_change(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli_train(run, "--steps", "2") == 0
+    capsys.readouterr()
+    code = main(
+        ["train", "--resume", str(run), "--steps", "4", "--preset", "demo", "--video-frames", "2"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "a resumed run cannot change preset 'tiny' -> 'demo'" in err
+    assert "video_frames 3 -> 2" in err and "seed" not in err
+    config = dataclasses.replace(TINY, steps=4, seed=5)
+    with pytest.raises(ValueError, match=r"seed 0 -> 5 \(the initial weights and the train/test"):
+        train(config, resume=run, progress=False)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import model.checkpoint as checkpoint
+    from model.train import Trainer
+
+    config = dataclasses.replace(TINY, steps=4, warmup_steps=1)
+    train(config, out=tmp_path, stop_after=2, progress=False)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(saved) == {checkpoint.MODEL_FILE, checkpoint.TRAIN_FILE}
+    trainer = Trainer(config, resume=tmp_path)
+    trainer.step()
+
+    def fail(fd):
+        raise OSError("disk gone mid-write")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fail)  # the data is written, not yet on disk
+    with pytest.raises(OSError, match="disk gone"):
+        trainer.save(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved  # no temp file left
+    assert train(config, resume=tmp_path, progress=False).losses[:2] == trainer.result.losses[:2]
+    # A pair from two steps (a kill between the two renames) is refused by name.
+    model, tokenizer = load_model(tmp_path)
+    checkpoint.save_model(tmp_path, model, tokenizer, step=3)
+    with pytest.raises(ValueError, match="weights are of step 3 but the train state of step 2"):
+        Trainer(dataclasses.replace(config, steps=6), resume=tmp_path)
+
+
+def test_train_sampler_rank_share_is_the_global_batchs_rows(tokenizer, data):
+    from model.data import TrainSampler
+
+    whole = TrainSampler(data, tokenizer, seed=3)
+    shares = [TrainSampler(data, tokenizer, seed=3) for _ in range(2)]
+    for task in TASKS:
+        batch = whole.next(task, 8)
+        parts = [s.next(task, 8, rows=(4 * r, 4 * r + 4)) for r, s in enumerate(shares)]
+        for r, part in enumerate(parts):
+            expected = batch.rows(4 * r, 4 * r + 4)
+            assert torch.equal(part.media, expected.media), (task, r)
+            assert torch.equal(part.input_ids, expected.input_ids), (task, r)
+    with pytest.raises(ValueError, match="rows"):
+        whole.next("caption", 8, rows=(4, 9))
+
+
+def test_generate_cli_takes_images_and_frames_from_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli_train(run, "--steps", "1", "--interleaved-images", "3", "--video-frames", "2") == 0
+    capsys.readouterr()
+    for task, count in (("interleaved", 3), ("video", 2)):
+        assert main(["generate", "--checkpoint", str(run), "--task", task, "--count", "2"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 2
+        assert all(len(line.split("->")[0].split()) - 2 == count for line in lines), lines
+
+
+def test_cli_device_errors_are_clear(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the error of a machine without CUDA")
+    assert _cli_train(tmp_path, "--steps", "1", "--device", "cuda") == 2
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+    assert _cli_train(tmp_path, "--steps", "1", "--device", "gpu0") == 2
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err

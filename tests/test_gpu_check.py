@@ -31,9 +31,11 @@ def test_dry_run_writes_the_report(tmp_path):
     assert all(len(p.relative_to(out).parts) <= 2 for p in files), files
     figures = json.loads((out / "figures.json").read_text())
     stages = {s["name"]: s for s in figures["stages"]}
-    assert set(stages) == {"build", "pytest", "configs", "bench"}
+    assert set(stages) == {"build", "pytest", "model", "configs", "bench"}
     assert all(s["status"] == "ok" for s in stages.values()), stages
     assert stages["pytest"]["figures"]["passed"] > 0
+    model = {r["what"]: r for r in stages["model"]["figures"]["commands"]}
+    assert model["generate interleaved --cuda-graph"]["reason"] == gpu_check.DRY_RUN_GRAPH_REASON
     kernels = stages["configs"]["figures"]["kernels"]
     ran = {(c["kernel"], c["config"]) for c in stages["configs"]["figures"]["cases"]}
     assert ran == {
@@ -119,3 +121,44 @@ def test_decode_graph_part_that_raises_is_an_error_row(monkeypatch, tmp_path):
     assert rows[1]["status"] == "error" and "stream is capturing" in rows[1]["reason"]
     assert rows[2] is model_row
     assert "Traceback" in (tmp_path / "bench.log").read_text()
+
+
+@cpu_only
+def test_model_stage_runs_the_cli_on_the_device_and_reports_the_graph_skip(tmp_path):
+    """The model stage (dry run: on the CPU): train with a periodic eval, resume and extend,
+    generate, eval and a text-only generate ran; the CUDA-graph generate is skipped with the reason."""
+    result = gpu_check.StageResult("model")
+    gpu_check.stage_model(result, tmp_path, budget_s=120, dry_run=True)
+    assert result.status == "ok", result.summary
+    rows = {r["what"]: r for r in result.figures["commands"]}
+    assert result.figures["device"] == "cpu"
+    for what in ("train", "resume --steps 6", "generate video", "eval"):
+        assert rows[what]["status"] == "ok" and rows[what]["exit_code"] == 0, rows[what]
+    assert rows["generate text only (media=None)"]["text"].startswith("<bos> video")
+    graph = rows["generate interleaved --cuda-graph"]
+    assert graph["status"] == "skipped" and graph["reason"] == gpu_check.DRY_RUN_GRAPH_REASON
+    log = (tmp_path / "model.log").read_text()
+    assert "trained to step 6" in log and "every caption right" in log
+
+
+@cpu_only
+def test_model_stage_fails_on_a_command_that_fails(tmp_path, monkeypatch):
+    """A model command that exits non-zero fails the stage by name; the commands after it, which
+    read its output, do not run."""
+    import model.cli
+
+    real_main = model.cli.main
+
+    def generate_fails(argv):
+        return 2 if argv[0] == "generate" else real_main(argv)
+
+    monkeypatch.setattr(model.cli, "main", generate_fails)
+    result = gpu_check.StageResult("model")
+    gpu_check.stage_model(result, tmp_path, budget_s=120, dry_run=True)
+    assert result.status == "failed"
+    assert result.summary.startswith("failed: generate video")
+    assert [r["what"] for r in result.figures["commands"]] == [
+        "train",
+        "resume --steps 6",
+        "generate video",
+    ]

@@ -11,20 +11,23 @@ is skipped and the report says so):
   1. build    ``setup.py build_ext --inplace`` for the local GPU's arch only, with every core.
   2. pytest   the test suite with VLMK_TEST_DEVICE=cuda: every op test on CUDA tensors with the
               backends that run there (triton, cuda, reference); interpreter/emulator tests skip.
-  3. configs  every Triton kernel at every autotune config, forced one kernel at a time (the other
+  3. model    the thin model (model/) as a user runs it, through its CLI with --device cuda: a few
+              training steps with a periodic evaluation, a resume that extends the run, generate
+              (eager and with --cuda-graph; a text-only prompt) and eval; a few seconds.
+  4. configs  every Triton kernel at every autotune config, forced one kernel at a time (the other
               kernels held at their first config, so nothing is autotuned), against the float64
               reference with the tolerance policy of tests/attention_testing.py: fp32/bf16/fp16,
               Dh 64/80/96/128, GQA, both empty-row modes, and key/value chunks that no row sees
               poisoned with NaN; small cases first, then mllama-sized ones while time lasts.
-  4. bench    first decode, eager vs captured in a CUDA graph and replayed: image_text_attention
+  5. bench    first decode, eager vs captured in a CUDA graph and replayed: image_text_attention
               at the mllama-11b decode shape (B=1 and 8, a prebuilt MediaSchedule) and the thin
               model's per-token ``generate(cuda_graph=True)``; then image_text_attention forward,
               forward+backward and decode at the mllama-11b shapes (masks 1-of-4, cumulative, all,
               random) against SDPA with the dense mask, SDPA without a mask (flash) on the
               all-visible case and compiled FlexAttention; CUDA-event medians (benchmarks/),
               visible TFLOP/s and their ratio to the device's bf16 matmul.
-Output in DIR (at most 8 files, one sub-folder): report.md, figures.json, logs/{build,pytest,configs,
-bench}.log. Progress goes to stdout.
+Output in DIR (at most 8 files, one sub-folder): report.md, figures.json, logs/{build,pytest,model,
+configs,bench}.log. Progress goes to stdout.
 
 ``--dry-run`` runs the same plumbing on this CPU (the Triton interpreter and the SIMT emulator, tiny
 shapes, a short test subset; the build stage only checks that the extension `make build` made imports) so that the script cannot rot while no GPU is
@@ -52,8 +55,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUDGET_S = 480.0  # 8 minutes: a 15-minute GPU lease then allows one rerun
 # Seconds each stage may take at most, and the least it needs to be worth starting.
-STAGE_BUDGET_S = {"build": 200.0, "pytest": 150.0, "configs": 100.0, "bench": 120.0}
-STAGE_MIN_S = {"build": 30.0, "pytest": 20.0, "configs": 10.0, "bench": 15.0}
+STAGE_BUDGET_S = {"build": 200.0, "pytest": 150.0, "model": 40.0, "configs": 100.0, "bench": 120.0}
+STAGE_MIN_S = {"build": 30.0, "pytest": 20.0, "model": 10.0, "configs": 10.0, "bench": 15.0}
 
 
 @dataclass
@@ -219,7 +222,107 @@ def _pytest_counts(tail: str) -> dict:
     return counts
 
 
-# ---- stage 3: every Triton config against the reference ------------------------------------------------
+# ---- stage 3: the thin model where a user runs it --------------------------------------------------------
+
+
+def model_commands(run_dir: Path, device: str, dry_run: bool) -> list[tuple[str, list[str]]]:
+    """The ``python -m model`` command lines of the model stage, in order (the tiny preset: the
+    point is that every path runs on the device, not how well it learns)."""
+    tiny = ["--preset", "tiny", "--batch-size", "8", "--warmup-steps", "1"]
+    where = ["--device", device, "--threads", "1"]
+    run = str(run_dir)
+    commands = [
+        ("train", ["train", *tiny, "--steps", "4", "--eval-every", "2", "--eval-examples", "8",
+                   "--out", run, *where]),
+        ("resume --steps 6", ["train", "--resume", run, "--steps", "6", *where]),
+        ("generate video", ["generate", "--checkpoint", run, "--task", "video", "--count", "4",
+                            *where]),
+        ("eval", ["eval", "--checkpoint", run, "--examples", "8", *where]),
+    ]  # fmt: skip
+    graph = ["generate", "--checkpoint", run, "--task", "interleaved", "--count", "4"]
+    commands.append(("generate interleaved --cuda-graph", [*graph, "--cuda-graph", *where]))
+    return commands
+
+
+def stage_model(result: StageResult, logs: Path, budget_s: float, dry_run: bool) -> None:
+    """Runs ``model_commands`` in this process (their output to logs/model.log), then a text-only
+    generate of the trained checkpoint; each row says what ran, its exit code and seconds. A
+    command that exits non-zero or raises fails the stage; one past the time box is left out."""
+    import tempfile
+
+    import torch
+
+    from model.checkpoint import load_model
+    from model.cli import main as model_main
+    from model.vlm import generate
+
+    device = "cpu" if dry_run else "cuda"
+    deadline = time.monotonic() + budget_s
+    threads = (
+        torch.get_num_threads()
+    )  # the model CLI sets its own; the later stages get theirs back
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, open(logs / "model.log", "w") as log_file:
+        run_dir = Path(tmp) / "run"
+        try:
+            for what, argv in model_commands(run_dir, device, dry_run):
+                if dry_run and "--cuda-graph" in argv:
+                    rows.append({"what": what, "status": "skipped", "reason": DRY_RUN_GRAPH_REASON})
+                    continue
+                if time.monotonic() > deadline:
+                    rows.append({"what": what, "status": "skipped", "reason": "out of time"})
+                    continue
+                log_file.write(f"$ python -m model {' '.join(argv)}\n")
+                log_file.flush()
+                started = time.monotonic()
+                with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+                    code = model_main(argv)
+                rows.append(
+                    {
+                        "what": what,
+                        "status": "ok" if code == 0 else "failed",
+                        "exit_code": code,
+                        "seconds": time.monotonic() - started,
+                    }
+                )
+                if code != 0:
+                    break  # the later commands read what this one should have written
+            if all(r["status"] == "ok" or r.get("reason") == DRY_RUN_GRAPH_REASON for r in rows):
+                started = time.monotonic()
+                model, tokenizer = load_model(run_dir, device)
+                ids = torch.tensor([[tokenizer.bos_id, tokenizer.ids["video"]]], device=device)
+                out = generate(model, ids, None, 3)
+                rows.append(
+                    {
+                        "what": "generate text only (media=None)",
+                        "status": "ok",
+                        "exit_code": 0,
+                        "seconds": time.monotonic() - started,
+                        "text": tokenizer.decode(out[0].cpu()),
+                    }
+                )
+        finally:
+            torch.set_num_threads(threads)
+    result.figures = {"device": device, "commands": rows}
+    failed = [r["what"] for r in rows if r["status"] == "failed"]
+    ran = [r for r in rows if r["status"] == "ok"]
+    skipped = [f"{r['what']} skipped: {r['reason']}" for r in rows if r["status"] == "skipped"]
+    if failed:
+        result.status = "failed"
+        result.summary = f"failed: {', '.join(failed)} (logs/model.log)"
+    else:
+        out_of_time = any(r.get("reason") == "out of time" for r in rows)
+        result.status = "partial" if out_of_time else "ok"
+        result.summary = "; ".join(
+            [
+                f"{len(ran)} ran on {device} in {sum(r['seconds'] for r in ran):.1f} s: "
+                + ", ".join(r["what"] for r in ran),
+                *skipped,
+            ]
+        )
+
+
+# ---- stage 4: every Triton config against the reference ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -407,7 +510,7 @@ def stage_configs(result: StageResult, logs: Path, budget_s: float, dry_run: boo
     )
 
 
-# ---- stage 4: benchmarks ---------------------------------------------------------------------------------
+# ---- stage 5: benchmarks ---------------------------------------------------------------------------------
 
 BENCH_PROVIDERS = ("vk-triton", "vk-cuda", "sdpa", "sdpa_nomask", "flex")
 BENCH_PLAN = (  # (shape, variants, modes)
@@ -781,6 +884,7 @@ def write_report(out: Path, info: dict, stages: list[StageResult], total_s: floa
 STAGES: dict[str, Callable] = {
     "build": stage_build,
     "pytest": stage_pytest,
+    "model": stage_model,
     "configs": stage_configs,
     "bench": stage_bench,
 }

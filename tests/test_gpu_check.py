@@ -52,7 +52,8 @@ def test_dry_run_writes_the_report(tmp_path):
         assert row["status"] == "skipped" and row["reason"] == gpu_check.DRY_RUN_GRAPH_REASON
         assert row["eager_ms"] > 0 and row["graph_ms"] is None, row
     assert "## decode: eager vs CUDA graph" in report
-    assert report.count("skipped: CUDA graphs need a GPU") == 4
+    # The 4 decode rows, and the model stage's generate --cuda-graph in its summary.
+    assert report.count("skipped: CUDA graphs need a GPU") == 5
 
 
 @cpu_only

@@ -334,6 +334,31 @@ def test_query_blocks_visit_only_their_chunks(monkeypatch):
     assert chunk_ids[0, :, :2].tolist() == [[0, 1], [2, 3]]
 
 
+def test_block_heuristics_pick_fa2_tiles_when_the_grid_is_large(monkeypatch):
+    """On a GPU (faked: 4 SMs) each launcher takes its larger tile (16-bit: forward and dq query
+    blocks of 128 rows, dk/dv programs of 128 keys) when that still gives every SM two programs, else
+    the smaller; a forced config brings its own block; ``schedule_blocks`` names what the launchers
+    run, so a MediaSchedule hands over matching schedules."""
+    monkeypatch.setattr(ita, "_interpreting", lambda: False)
+    monkeypatch.setattr(ita, "_sm_count", lambda device: 4)
+    big_q = torch.zeros(1, 512, 4, 64, dtype=BF16)  # 4 heads x 4 blocks of 128 rows: 16 programs
+    small_q = torch.zeros(1, 130, 2, 64, dtype=BF16)  # 2 heads x 2 blocks of 128 rows: 4 programs
+    many_keys = torch.zeros(1, 2 * 577, 2, 64, dtype=BF16)  # 2 heads x 2 chunks x 5 tiles of 128
+    few_keys = torch.zeros(1, 2 * 37, 1, 64, dtype=BF16)  # 1 head x 2 chunks x 1 tile of 128
+    assert ita.schedule_blocks(big_q, many_keys, 577) == (128, 128, 16)
+    assert ita.schedule_blocks(small_q, few_keys, 37) == (64, 64, 32)
+    assert ita.schedule_blocks(big_q)[2] == 32  # keys unknown: the first dk/dv block
+    dkdv = ita._kernel_configs(ita._TILES[2])["image_text_attention_bwd_dkdv"]
+    last = len(dkdv) - 1
+    assert dkdv[last].kwargs == {"BLOCK_M": 16, "BLOCK_N": 128} and dkdv[last].num_warps == 8
+    with force_triton_config("image_text_attention_bwd_dkdv", 0):
+        assert ita.schedule_blocks(big_q, many_keys, 577)[2] == 32
+    with force_triton_config("image_text_attention_bwd_dq", 4):  # the first 128-row dq config
+        assert ita.schedule_blocks(small_q, few_keys, 37)[1] == 128
+    f32 = torch.zeros(1, 512, 4, 64)
+    assert ita.schedule_blocks(f32, many_keys.float(), 577) == (32, 32, 16)  # one block each
+
+
 def test_block_visibility_and_transposed_schedule():
     mask = random_media_mask(2, 70, 5).to(TEST_DEVICE)
     mask[1, 32:64] = False  # block 1 of batch 1 sees nothing
@@ -674,11 +699,11 @@ def test_every_config_is_registered_for_the_compile_report():
         ),
         "image_text_attention_bwd_dkdv": (
             ita._bwd_dkdv_kernel,
-            lambda t: ita._DKDV_CONFIGS[t.dkdv_block_m],
+            lambda t: ita._by_block(ita._DKDV_CONFIGS, t, t.dkdv_block_m),
         ),
         "image_text_attention_bwd_dq": (
             ita._bwd_dq_kernel,
-            lambda t: ita._DQ_CONFIGS[t.dq_block_m],
+            lambda t: ita._by_block(ita._DQ_CONFIGS, t, t.dq_block_m),
         ),
     }
     registered = {entry.name: entry for entry in REGISTRY.from_modules([ita.__name__])}

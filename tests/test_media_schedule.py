@@ -118,7 +118,7 @@ def test_triton_launchers_build_no_schedule_when_given_one(monkeypatch, query_le
     )
     out.sum().backward()
     assert built == []
-    forward_block, dq_block, dkdv_block = ita.schedule_blocks(q)
+    forward_block, dq_block, dkdv_block = ita.schedule_blocks(q, k, media_len)
     assert forward_block == (query_len if query_len <= 16 else 32)  # float32 prefill: BLOCK_M=32
     assert set(schedule._chunk_schedules) == {
         min(forward_block, query_len),

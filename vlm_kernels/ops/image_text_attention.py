@@ -127,7 +127,7 @@ def _schedule_tensors(
         return ()
     from vlm_kernels.triton.image_text_attention import schedule_blocks
 
-    forward_block, dq_block, dkdv_block = schedule_blocks(q)
+    forward_block, dq_block, dkdv_block = schedule_blocks(q, k, schedule.media_len)
     tensors = schedule.chunk_schedule(forward_block)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         tensors += schedule.chunk_schedule(dq_block) + schedule.transposed_schedule(dkdv_block)

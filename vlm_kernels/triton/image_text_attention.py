@@ -683,19 +683,23 @@ class _Tiles:
     """Tile sizes and dot precision for one input width. float32 keeps float32-grade products: 3xTF32
     (``"tf32x3"``) forward dots on tensor cores and FMA (``"ieee"``) backward dots, whose operands
     take two to four times the registers of 16-bit ones (measured by the compile report: 3xTF32
-    backward tiles spill even at 16x16 with Dh=128), hence the small float32 tiles."""
+    backward tiles spill even at 16x16 with Dh=128), hence the small float32 tiles.
+
+    The backward's query blocks come in pairs like the forward's, (few programs, many programs): the
+    second is the FlashAttention-2 size (dk/dv programs of 128 keys at 8 warps, dq programs of 128
+    query rows), taken when it still gives every SM two programs (``_pick_block``)."""
 
     fwd_block_m: tuple[int, ...]  # prefill query blocks: (few programs, many programs)
     decode_max_rows: int  # most query rows (Lq * group) in one decode program
-    dkdv_block_m: int  # query rows per block in the dk/dv kernel
-    dq_block_m: int  # query rows per block in the dq kernel
+    dkdv_block_m: tuple[int, ...]  # query rows per inner step of the dk/dv kernel: (few, many)
+    dq_block_m: tuple[int, ...]  # query rows per program of the dq kernel: (few, many)
     fwd_precision: str  # tl.dot input_precision of the forward and decode kernels
     bwd_precision: str  # ... and of the backward kernels (ignored for 16-bit inputs)
 
 
 _TILES = {
-    2: _Tiles((64, 128), 64, 32, 64, "tf32", "tf32"),  # float16, bfloat16
-    4: _Tiles((32,), 32, 16, 32, "tf32x3", "ieee"),  # float32
+    2: _Tiles((64, 128), 64, (32, 16), (64, 128), "tf32", "tf32"),  # float16, bfloat16
+    4: _Tiles((32,), 32, (16,), (32,), "tf32x3", "ieee"),  # float32
 }
 
 
@@ -727,13 +731,29 @@ _DECODE_CONFIGS = {  # by the tiles' decode_max_rows
     32: _configs((16, 8, 1)),
     64: _configs((32, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 1)),
 }
+# The backward's lists, per input width and query block. 16-bit dk/dv at FlashAttention-2 size: 128
+# keys and 8 warps hold k, v (16-bit) and dk, dv (float32) of 128 x BLOCK_D in registers across the
+# query loop, which leaves room for 16 query rows per inner step only: at BLOCK_M=32 they spilled
+# 128-152 B on sm_80 at Dh 80/96/128 (both Triton versions; sm_90a's wgmma keeps them at 0 B, 234-254
+# registers) and at BLOCK_M=64 56-10,700 B on both archs; (128, 8, 1) at BLOCK_M=32 spilled ~5 KB on
+# sm_80 even at Dh=64. BLOCK_M=16 compiles at 0 B with 1-3 stages at Dh 64-128 (sm_80: 218-255
+# registers, sm_90a: 122-228). 16-bit dq at BLOCK_M=128: BLOCK_N=64 spilled 28-312 B on sm_80 at
+# every head dim (8 warps; 4 warps: up to 2.7 KB on both archs) and BLOCK_N=32 at 4 warps 64-864 B;
+# (32, 8, 2) spilled 8 B on sm_80 at Dh=128 under Triton 3.6; (32, 8, 1) and (32, 8, 3) compile at
+# 0 B under both (sm_80: 172-255 registers, sm_90a: 118-154).
 _DKDV_CONFIGS = {
-    16: _configs((32, 4, 2), BLOCK_M=16),
-    32: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=32),
+    2: {
+        32: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=32),
+        16: _configs((128, 8, 2), (128, 8, 3), BLOCK_M=16),
+    },
+    4: {16: _configs((32, 4, 2), BLOCK_M=16)},
 }
 _DQ_CONFIGS = {
-    32: _configs((16, 4, 2), BLOCK_M=32),
-    64: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), (64, 8, 3), BLOCK_M=64),
+    2: {
+        64: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), (64, 8, 3), BLOCK_M=64),
+        128: _configs((32, 8, 1), (32, 8, 3), BLOCK_M=128),
+    },
+    4: {32: _configs((16, 4, 2), BLOCK_M=32)},
 }
 # The combine kernel at 4 warps spilled 8 bytes on sm_90a (at 56 registers) for Dh 80 and 96.
 _COMBINE_CONFIGS = (triton.Config({"COMBINE_R": 16}, num_warps=2, num_stages=2),)
@@ -776,9 +796,18 @@ def _kernel_configs(tiles: _Tiles) -> dict[str, tuple[triton.Config, ...]]:
         "image_text_attention_decode_split": _DECODE_CONFIGS[tiles.decode_max_rows],
         "image_text_attention_decode_combine": _COMBINE_CONFIGS,
         "image_text_attention_bwd_preprocess": _PREPROCESS_CONFIGS,
-        "image_text_attention_bwd_dkdv": _DKDV_CONFIGS[tiles.dkdv_block_m],
-        "image_text_attention_bwd_dq": _DQ_CONFIGS[tiles.dq_block_m],
+        "image_text_attention_bwd_dkdv": _by_block(_DKDV_CONFIGS, tiles, tiles.dkdv_block_m),
+        "image_text_attention_bwd_dq": _by_block(_DQ_CONFIGS, tiles, tiles.dq_block_m),
     }
+
+
+def _width(tiles: _Tiles) -> int:
+    return next(width for width, candidate in _TILES.items() if candidate is tiles)
+
+
+def _by_block(configs: dict, tiles: _Tiles, blocks: tuple[int, ...]) -> tuple[triton.Config, ...]:
+    """The configs of ``configs[width]`` for each query block of ``blocks``, in that order."""
+    return tuple(config for block in blocks for config in configs[_width(tiles)][block])
 
 
 for _name in _kernel_configs(_TILES[2]):
@@ -839,16 +868,33 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(device.index or 0) if device.type == "cuda" else 2
 
 
-def _prefill_block_m(q: torch.Tensor) -> int:
-    """The larger query block (more reuse of each k/v tile) when it still gives every SM two
-    programs; else the smaller (more programs, and a finer chunk schedule). The interpreter runs
-    the smaller."""
-    block_ms = _tiles(q.dtype).fwd_block_m
-    if _interpreting():
-        return block_ms[0]
+def _pick_block(
+    name: str, configs_by_block: dict[int, tuple[triton.Config, ...]], programs, device
+) -> int:
+    """The query block (BLOCK_M) the launch of kernel ``name`` will run: the forced config's, else
+    the heuristic's. ``configs_by_block``: its configs per block, (few programs, many programs) in
+    that order; ``programs(config)``: the grid size a config gives. The larger tile (more reuse of
+    each loaded tile) when it still gives every SM two programs, else the smaller (more programs).
+    The interpreter runs the first block."""
+    blocks = list(configs_by_block)
+    forced = forced_config(name, [c for block in blocks for c in configs_by_block[block]])
+    if forced is not None:
+        return forced.kwargs["BLOCK_M"]
+    if _interpreting() or len(blocks) == 1:
+        return blocks[0]
+    large = configs_by_block[blocks[-1]][0]
+    return blocks[-1] if programs(large) >= 2 * _sm_count(device) else blocks[0]
+
+
+def _prefill_block(q: torch.Tensor) -> int:
+    """The BLOCK_M of the prefill config that will run: the forced config's, else the heuristic's."""
     batch, query_len, heads_q, _ = q.shape
-    programs = batch * heads_q * triton.cdiv(query_len, block_ms[-1])
-    return block_ms[-1] if programs >= 2 * _sm_count(q.device) else block_ms[0]
+    return _pick_block(
+        "image_text_attention_fwd",
+        {block: _FWD_CONFIGS[block] for block in _tiles(q.dtype).fwd_block_m},
+        lambda config: batch * heads_q * triton.cdiv(query_len, config.kwargs["BLOCK_M"]),
+        q.device,
+    )
 
 
 def _forward_block(q: torch.Tensor) -> int:
@@ -859,18 +905,44 @@ def _forward_block(q: torch.Tensor) -> int:
     return query_len if query_len <= DECODE_MAX_QUERY_LEN else _prefill_block(q)
 
 
-def _prefill_block(q: torch.Tensor) -> int:
-    """The BLOCK_M of the prefill config that will run: the forced config's, else the heuristic's."""
-    configs = _kernel_configs(_tiles(q.dtype))["image_text_attention_fwd"]
-    forced = forced_config("image_text_attention_fwd", configs)
-    return forced.kwargs["BLOCK_M"] if forced is not None else _prefill_block_m(q)
-
-
-def schedule_blocks(q: torch.Tensor) -> tuple[int, int, int]:
-    """``(forward block, dq block, dk/dv block)``: the query-block sizes whose schedules the launchers
-    read for queries like ``q`` (a ``MediaSchedule`` builds these and no others)."""
+def _dq_block(q: torch.Tensor) -> int:
+    """The BLOCK_M of the dq config that will run (its programs: B * Hq * query blocks)."""
     tiles = _tiles(q.dtype)
-    return _forward_block(q), tiles.dq_block_m, tiles.dkdv_block_m
+    batch, query_len, heads_q, _ = q.shape
+    return _pick_block(
+        "image_text_attention_bwd_dq",
+        {block: _DQ_CONFIGS[_width(tiles)][block] for block in tiles.dq_block_m},
+        lambda config: batch * heads_q * triton.cdiv(query_len, config.kwargs["BLOCK_M"]),
+        q.device,
+    )
+
+
+def _dkdv_block(q: torch.Tensor, k: torch.Tensor | None, media_len: int | None) -> int:
+    """The BLOCK_M of the dk/dv config that will run. Its programs own BLOCK_N keys of one chunk, so
+    the grid is B * Hkv * M * ceil(media_len / BLOCK_N): the 128-key programs are taken when they
+    still give every SM two. Without ``k`` and ``media_len`` (not known): the first block."""
+    tiles = _tiles(q.dtype)
+    configs_by_block = {block: _DKDV_CONFIGS[_width(tiles)][block] for block in tiles.dkdv_block_m}
+
+    def programs(config: triton.Config) -> int:
+        if k is None or media_len is None:
+            return 0  # no keys known: the first block
+        batch, keys, heads_kv, _ = k.shape
+        tiles_per_chunk = triton.cdiv(media_len, config.kwargs["BLOCK_N"])
+        return batch * heads_kv * (keys // media_len) * tiles_per_chunk
+
+    return _pick_block("image_text_attention_bwd_dkdv", configs_by_block, programs, q.device)
+
+
+def schedule_blocks(
+    q: torch.Tensor, k: torch.Tensor | None = None, media_len: int | None = None
+) -> tuple[int, int, int]:
+    """``(forward block, dq block, dk/dv block)``: the query-block sizes whose schedules the launchers
+    read for queries like ``q`` and keys like ``k`` of chunks of ``media_len`` (a ``MediaSchedule``
+    builds these and no others). The dk/dv block depends on the key count: without ``k`` and
+    ``media_len`` it is the first of the width's (a launcher given a schedule for another block
+    builds its own)."""
+    return _forward_block(q), _dq_block(q), _dkdv_block(q, k, media_len)
 
 
 def _given_schedule(schedule, query_len: int, block_q: int):
@@ -1123,16 +1195,18 @@ def image_text_attention_bwd_triton(
         **head_meta,
     )
 
-    # The two schedules: chunks per query block (dq) and query blocks per chunk (dk, dv).
+    # The two schedules: chunks per query block (dq) and query blocks per chunk (dk, dv), for the
+    # query blocks of the configs that will run.
+    dq_block, dkdv_block = _dq_block(q), _dkdv_block(q, k, media_len)
     given = (None, None) if schedule is None else (schedule[:2], schedule[2:])
-    dq_schedule = _given_schedule(given[0], query_len, tiles.dq_block_m)
-    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, tiles.dq_block_m)
-    n_qb_dkdv = triton.cdiv(query_len, tiles.dkdv_block_m)
+    dq_schedule = _given_schedule(given[0], query_len, dq_block)
+    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, dq_block)
+    n_qb_dkdv = triton.cdiv(query_len, dkdv_block)
     if given[1] is not None and given[1][1].shape[2] == n_qb_dkdv:
         qb_count, qb_ids = given[1]
     else:
         qb_count, qb_ids = block_chunk_schedule_triton(
-            _block_visibility(mask, tiles.dkdv_block_m).transpose(1, 2), 1
+            _block_visibility(mask, dkdv_block).transpose(1, 2), 1
         )
     mask_u8, mask_strides = _mask_args(mask)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
@@ -1167,10 +1241,11 @@ def image_text_attention_bwd_triton(
         tiles,
         lambda meta: (num_chunks * triton.cdiv(media_len, meta["BLOCK_N"]), batch * heads_kv),
         dkdv_args,
+        tune_configs=_DKDV_CONFIGS[_width(tiles)][dkdv_block],
         INPUT_PRECISION=tiles.bwd_precision,
         **head_meta,
     )
-    n_qb_dq = triton.cdiv(query_len, tiles.dq_block_m)
+    n_qb_dq = triton.cdiv(query_len, dq_block)
     dq_args = (
         q,
         k,
@@ -1200,6 +1275,7 @@ def image_text_attention_bwd_triton(
         tiles,
         lambda meta: (n_qb_dq, batch * heads_q),
         dq_args,
+        tune_configs=_DQ_CONFIGS[_width(tiles)][dq_block],
         INPUT_PRECISION=tiles.bwd_precision,
         **head_meta,
     )

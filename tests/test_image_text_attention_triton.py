@@ -569,6 +569,52 @@ def test_float32_dot_precision_choice(head_dim):
     assert not any(ok for _, ok, _, _ in one_pass_backward[1:]), one_pass_backward
 
 
+@contextlib.contextmanager
+def _matmul_precision(setting: str):
+    """PyTorch's float32 matmul precision set one of the ways a user sets it, restored after (through
+    the new API's getter and setter, which never mix with the legacy one)."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
+    if setting == "set_float32_matmul_precision":
+        torch.set_float32_matmul_precision("high")
+    elif setting == "matmul.fp32_precision":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif setting == "backends.fp32_precision":
+        torch.backends.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision = saved
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["default", "set_float32_matmul_precision", "matmul.fp32_precision", "backends.fp32_precision"],
+)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_float32_backward_honours_pytorch_tf32_setting(monkeypatch, setting, dtype):
+    """The float32 backward's dots are FMA ("ieee") unless PyTorch allows TF32 for float32 matmuls
+    (any of the ways it is set), then "tf32"; the float32 forward keeps 3xTF32 and 16-bit inputs are
+    unaffected. The interpreter computes float32 whatever the precision, so the test reads the
+    constexpr each launch passes (the outputs are still checked against the reference)."""
+    passed = {}
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        passed[name] = kwargs.get("INPUT_PRECISION")
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(1, 40, 4, 2, 64, 2, 17, dtype=dtype)
+    with _matmul_precision(setting):
+        check_against_reference(attention, forward, backward)
+    tf32 = setting != "default"
+    expected = "tf32" if dtype != F32 else ("tf32" if tf32 else "ieee")
+    assert passed["image_text_attention_bwd_dkdv"] == expected
+    assert passed["image_text_attention_bwd_dq"] == expected
+    assert passed["image_text_attention_fwd"] == ("tf32x3" if dtype == F32 else "tf32")
+    assert ita.float32_backward_precision() == "ieee"  # restored
+
+
 # ---- NaN and inf -------------------------------------------------------------------------------------
 # A non-finite input must show in every output the math makes it reach: a query row -> that row's
 # output and gradients (and the dk, dv of the keys it sees); a visible key or value -> the rows that
@@ -707,7 +753,17 @@ def test_every_config_is_registered_for_the_compile_report():
         ),
     }
     registered = {entry.name: entry for entry in REGISTRY.from_modules([ita.__name__])}
-    assert len(registered) == len(families) * 7
+    backward = ("image_text_attention_bwd_dkdv", "image_text_attention_bwd_dq")
+    # The float32 backward once more with TF32 dots (float32_backward_precision).
+    assert len(registered) == len(families) * 7 + len(backward) * 4
+    for name in backward:
+        for head_dim in (128, 64, 80, 96):
+            entry = registered[f"{name}[fp32tf32,d{head_dim}]"]
+            assert all(aot.constexprs["INPUT_PRECISION"] == "tf32" for aot in entry.configs)
+            assert entry.signature["q_ptr"] == "*fp32:16"
+            assert len(entry.configs) == (
+                len(families[name][1](ita._TILES[4])) if head_dim == 128 else 1
+            )
     for name, (kernel, configs_for) in families.items():
         for dtype, width, head_dims in (("bf16", 2, (64, 80, 96)), ("fp32", 4, (80, 96))):
             configs = list(configs_for(ita._TILES[width]))

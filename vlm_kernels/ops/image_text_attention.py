@@ -66,6 +66,14 @@ def image_text_attention(
 
     Returns:
         [B, Lq, Hq, Dh] in q's dtype. Softmax in float32.
+
+    Precision of float32 inputs on the Triton backend: float32-grade products by default (3xTF32
+    forward dots, FMA backward dots). Like a torch matmul, the backward honours PyTorch's TF32
+    switch when it runs: after ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``),
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, its dots take TF32 inputs (10-bit mantissas,
+    about 1e-3 relative error per product at Dh=128, on tensor cores). The forward keeps 3xTF32: a
+    single TF32 rounding there put the output 40x over the float32 tolerance.
     """
     backend = check_backend(backend)
     schedule = media_mask if isinstance(media_mask, MediaSchedule) else None

@@ -31,7 +31,9 @@ Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softma
   a float32 workspace, which the combine kernel merges into out and lse.
 
 Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; float32 inputs keep
-float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``). The
+float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``), except
+that the float32 backward takes TF32 dots when PyTorch allows TF32 for float32 matmuls
+(``float32_backward_precision``: ``torch.set_float32_matmul_precision("high")`` and the like). The
 forward and backward are deterministic (no atomics). GPU launches pick among configs that
 ``python -m vlm_kernels.tools.gpu_report`` compiles for sm_80 and sm_90a with zero spills (registered
 at the bottom): the prefill and backward kernels autotuned once per bucket of (head dim, dtype,
@@ -694,7 +696,7 @@ class _Tiles:
     dkdv_block_m: tuple[int, ...]  # query rows per inner step of the dk/dv kernel: (few, many)
     dq_block_m: tuple[int, ...]  # query rows per program of the dq kernel: (few, many)
     fwd_precision: str  # tl.dot input_precision of the forward and decode kernels
-    bwd_precision: str  # ... and of the backward kernels (ignored for 16-bit inputs)
+    bwd_precision: str  # ... of the backward kernels (float32: the default, see _bwd_precision)
 
 
 _TILES = {
@@ -740,7 +742,11 @@ _DECODE_CONFIGS = {  # by the tiles' decode_max_rows
 # registers, sm_90a: 122-228). 16-bit dq at BLOCK_M=128: BLOCK_N=64 spilled 28-312 B on sm_80 at
 # every head dim (8 warps; 4 warps: up to 2.7 KB on both archs) and BLOCK_N=32 at 4 warps 64-864 B;
 # (32, 8, 2) spilled 8 B on sm_80 at Dh=128 under Triton 3.6; (32, 8, 1) and (32, 8, 3) compile at
-# 0 B under both (sm_80: 172-255 registers, sm_90a: 118-154).
+# 0 B under both (sm_80: 172-255 registers, sm_90a: 118-154). float32 dq, compiled with FMA and with
+# TF32 dots (the backward's two float32 precisions): with TF32, (16, 4, 2) spilled 8 B on sm_90a at
+# Dh=64 under Triton 3.6, (16, 4, 3) 4 B at Dh 80/96 under 3.8, (16, 8, 2) 24 B and (32, 4, 1) 8-16 B;
+# (16, 2, 2) and (16, 2, 3) spilled 8-40 B with FMA. (16, 4, 1) compiles at 0 B with both, at Dh
+# 64-128, under both versions (FMA: 88-144 registers, TF32: 242-254).
 _DKDV_CONFIGS = {
     2: {
         32: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=32),
@@ -753,7 +759,7 @@ _DQ_CONFIGS = {
         64: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), (64, 8, 3), BLOCK_M=64),
         128: _configs((32, 8, 1), (32, 8, 3), BLOCK_M=128),
     },
-    4: {32: _configs((16, 4, 2), BLOCK_M=32)},
+    4: {32: _configs((16, 4, 1), BLOCK_M=32)},
 }
 # The combine kernel at 4 warps spilled 8 bytes on sm_90a (at 56 registers) for Dh 80 and 96.
 _COMBINE_CONFIGS = (triton.Config({"COMBINE_R": 16}, num_warps=2, num_stages=2),)
@@ -852,6 +858,24 @@ def _effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
 
 def _tiles(dtype: torch.dtype) -> _Tiles:
     return _TILES[dtype.itemsize]
+
+
+def float32_backward_precision() -> str:
+    """The ``tl.dot`` input precision of the float32 backward: ``"tf32"`` when PyTorch allows TF32 for
+    float32 CUDA matmuls, else ``"ieee"`` (FMA, the default). Read at each backward launch, as a
+    torch matmul reads it when it runs, through the TF32 API that does not mix with the legacy one:
+    ``torch.backends.cuda.matmul.fp32_precision`` (which ``torch.set_float32_matmul_precision("high")``
+    and ``torch.backends.cuda.matmul.allow_tf32 = True`` set to ``"tf32"``), and when that is
+    ``"none"``, the generic ``torch.backends.fp32_precision`` it inherits from."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def _bwd_precision(tiles: _Tiles, dtype: torch.dtype) -> str:
+    """The backward kernels' ``INPUT_PRECISION``: the width's, or PyTorch's TF32 choice for float32."""
+    return float32_backward_precision() if dtype == torch.float32 else tiles.bwd_precision
 
 
 def _head_dim_meta(head_dim: int) -> dict:
@@ -1184,6 +1208,7 @@ def image_text_attention_bwd_triton(
     group = heads_q // heads_kv
     head_meta = _head_dim_meta(head_dim)
     tiles = _tiles(q.dtype)
+    precision = _bwd_precision(tiles, q.dtype)
 
     delta = torch.empty((batch, heads_q, query_len), dtype=torch.float32, device=q.device)
     _launch(
@@ -1242,7 +1267,7 @@ def image_text_attention_bwd_triton(
         lambda meta: (num_chunks * triton.cdiv(media_len, meta["BLOCK_N"]), batch * heads_kv),
         dkdv_args,
         tune_configs=_DKDV_CONFIGS[_width(tiles)][dkdv_block],
-        INPUT_PRECISION=tiles.bwd_precision,
+        INPUT_PRECISION=precision,
         **head_meta,
     )
     n_qb_dq = triton.cdiv(query_len, dq_block)
@@ -1276,7 +1301,7 @@ def image_text_attention_bwd_triton(
         lambda meta: (n_qb_dq, batch * heads_q),
         dq_args,
         tune_configs=_DQ_CONFIGS[_width(tiles)][dq_block],
-        INPUT_PRECISION=tiles.bwd_precision,
+        INPUT_PRECISION=precision,
         **head_meta,
     )
     return dq, dk, dv
@@ -1292,6 +1317,10 @@ def image_text_attention_bwd_triton(
 # int argument equal to 1 is compiled as a constant).
 _AOT_WIDTHS = {"bf16": 2, "fp32": 4}  # element type -> input width (the _TILES key)
 _AOT_FIRST_CONFIG_HEAD_DIMS = {"bf16": (64, 80, 96), "fp32": (80, 96)}
+# The float32 backward kernels compile once more with TF32 dots (``float32_backward_precision``),
+# under this label, every config at Dh=128 and the first at Dh 64/80/96.
+_AOT_TF32 = "fp32tf32"
+_AOT_TF32_HEAD_DIMS = (64, 80, 96)
 _QKV_STRIDES = (
     "stride_qb stride_qt stride_qh stride_kb stride_kt stride_kh stride_vb stride_vt stride_vh"
 )
@@ -1314,19 +1343,22 @@ def _aot_signature(
     return {name: spec for name, spec in signature.items() if name in params}
 
 
-def _register(name: str, kernel, signature_for, **constexprs_for) -> None:
+def _register(name: str, kernel, signature_for, tf32_variant=False, **constexprs_for) -> None:
     """Registers ``kernel`` per element type: the width's config list (``_kernel_configs``),
-    ``signature_for(dtype)`` and each ``constexprs_for[key](tiles)``."""
-    for dtype, width in _AOT_WIDTHS.items():
+    ``signature_for(dtype)`` and each ``constexprs_for[key](tiles)``; with ``tf32_variant`` (the
+    backward), float32 once more at ``INPUT_PRECISION="tf32"``."""
+    variants = [(dtype, dtype, width, {}) for dtype, width in _AOT_WIDTHS.items()]
+    if tf32_variant:
+        variants.append((_AOT_TF32, "fp32", 4, {"INPUT_PRECISION": "tf32"}))
+    for label, dtype, width, overrides in variants:
         tiles = _TILES[width]
         configs = _kernel_configs(tiles)[name]
-        constexprs = {key: value(tiles) for key, value in constexprs_for.items()}
-        variants = [(128, configs)]
-        variants += [(dim, configs[:1]) for dim in _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]]
-        for head_dim, variant_configs in variants:
+        constexprs = {key: value(tiles) for key, value in constexprs_for.items()} | overrides
+        head_dims = _AOT_TF32_HEAD_DIMS if overrides else _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]
+        for head_dim, variant_configs in [(128, configs)] + [(d, configs[:1]) for d in head_dims]:
             register_aot(
                 kernel,
-                name=f"{name}[{dtype},d{head_dim}]",
+                name=f"{name}[{label},d{head_dim}]",
                 signature=signature_for(dtype),
                 configs=variant_configs,
                 constexprs={**constexprs, **_head_dim_meta(head_dim)},
@@ -1399,6 +1431,7 @@ _register(
         ints="Lq M media_len heads_q heads_kv group n_qb",
         aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dkb stride_dkt stride_dkh",
     ),
+    tf32_variant=True,
     INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
 )
 _register(
@@ -1413,5 +1446,6 @@ _register(
         ints="Lq M media_len heads_q group n_qb",
         aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dqb stride_dqt stride_dqh",
     ),
+    tf32_variant=True,
     INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
 )

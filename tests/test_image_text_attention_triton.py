@@ -76,6 +76,24 @@ def backward(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_ro
         )
 
 
+def backward_single_pass(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    """The opt-in single-pass backward (``deterministic=False``): dq by float32 atomics."""
+    with poisoned_allocations():
+        return ita.image_text_attention_bwd_triton(
+            grad_out,
+            q,
+            k,
+            v,
+            media_mask,
+            out,
+            lse,
+            media_len,
+            scale,
+            empty_rows,
+            deterministic=False,
+        )
+
+
 def _outputs(q):
     batch, query_len, heads_q, _ = q.shape
     with poisoned_allocations():
@@ -154,6 +172,90 @@ def test_forward_and_backward_match_reference(case):
         empty_rows=empty,
     )
     check_against_reference(attention, forward, backward)
+
+
+# The single pass on the cases whose dk/dv walk differs most: GQA 8/2 and 8/1 (dq of every head of
+# the group from one program), empty rows of both modes, a partial key tile (17, 65), every dtype.
+SINGLE_PASS_CASES = [CASES[i] for i in (0, 1, 2, 6)]
+
+
+@pytest.mark.parametrize("case", SINGLE_PASS_CASES, ids=_case_id)
+def test_single_pass_backward_matches_reference(monkeypatch, case):
+    """``deterministic=False``: one dk/dv kernel that also adds dq by atomics, no dq kernel."""
+    batch, query_len, hq, hkv, dh, chunks, media_len, dtype, kind, empty = case
+    attention = make_case(
+        batch,
+        query_len,
+        hq,
+        hkv,
+        dh,
+        chunks,
+        media_len,
+        dtype=dtype,
+        mask_kind=kind,
+        empty_rows=empty,
+    )
+    launched = []
+
+    def spy(name, *args, **kwargs):
+        launched.append((name, kwargs.get("ATOMIC_DQ")))
+        return launch(name, *args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    check_against_reference(attention, forward, backward_single_pass)
+    backward_launches = [entry for entry in launched if "_bwd_" in entry[0]]
+    assert backward_launches == [
+        ("image_text_attention_bwd_preprocess", None),
+        ("image_text_attention_bwd_fused", True),
+    ]
+
+
+def test_deterministic_algorithms_mode_keeps_the_two_passes(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` a ``deterministic=False`` backward still
+    runs the two deterministic passes; through the public function too, where ``deterministic``
+    reaches the kernels (and the default keeps the two passes)."""
+    import vlm_kernels as vk
+
+    launched = []
+
+    def spy(name, *args, **kwargs):
+        launched.append(name)
+        return launch(name, *args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(1, 40, 4, 2, 64, 2, 17, dtype=F32)
+    q, k, v = (x.clone().requires_grad_() for x in (attention.q, attention.k, attention.v))
+    mask, media_len = attention.media_mask, attention.media_len
+
+    def backward_kernels(**kwargs):
+        launched.clear()
+        out = vk.image_text_attention(
+            q, k, v, mask, media_len=media_len, backend="triton", **kwargs
+        )
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return [name for name in launched if "_bwd_d" in name or "_bwd_fused" in name], grads
+
+    two_pass = ["image_text_attention_bwd_dkdv", "image_text_attention_bwd_dq"]
+    assert backward_kernels()[0] == two_pass
+    single, single_grads = backward_kernels(deterministic=False)
+    assert single == ["image_text_attention_bwd_fused"]
+    schedule = vk.MediaSchedule(mask, media_len=media_len)
+    launched.clear()
+    out = vk.image_text_attention(q, k, v, schedule, backend="triton", deterministic=False)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert "image_text_attention_bwd_fused" in launched
+    for first, second in zip(grads, single_grads, strict=True):
+        torch.testing.assert_close(first, second)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backward_kernels(deterministic=False)[0] == two_pass
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        vk.image_text_attention(q, k, v, mask, media_len=media_len, deterministic=None)
 
 
 @pytest.mark.parametrize(
@@ -357,6 +459,16 @@ def test_block_heuristics_pick_fa2_tiles_when_the_grid_is_large(monkeypatch):
         assert ita.schedule_blocks(small_q, few_keys, 37)[1] == 128
     f32 = torch.zeros(1, 512, 4, 64)
     assert ita.schedule_blocks(f32, many_keys.float(), 577) == (32, 32, 16)  # one block each
+    # The single pass's lists hold the dk/dv blocks and take the two-pass heuristic's: the same
+    # transposed schedule serves both; a forced single-pass config brings its own block.
+    for width in (2, 4):
+        assert list(ita._FUSED_CONFIGS[width]) == list(ita._DKDV_CONFIGS[width])
+    for keys, media_len in ((many_keys, 577), (few_keys, 37)):
+        fused = ita._dkdv_block(big_q, keys, media_len, "image_text_attention_bwd_fused")
+        assert fused == ita.schedule_blocks(big_q, keys, media_len)[2]
+    with force_triton_config("image_text_attention_bwd_fused", 0):
+        fused = ita._dkdv_block(big_q, many_keys, 577, "image_text_attention_bwd_fused")
+        assert fused == 32 and ita.schedule_blocks(big_q, many_keys, 577)[2] == 16
 
 
 def test_block_visibility_and_transposed_schedule():
@@ -467,15 +579,18 @@ def test_every_config_matches_reference(width, index):
     kernels to work at every tile size: Lq=150 (a partial query block at BLOCK_M 32/64/128), 37 keys
     per chunk (a partial key tile at every BLOCK_N), Dh=80 (a partial BLOCK_D), GQA, a row that sees
     nothing (empty_rows alternates), a chunk no row sees poisoned with NaN ("zero" mode), and the
-    split-KV decode with 9 x 4 rows (row blocks of 32 and 64) over three splits."""
+    split-KV decode with 9 x 4 rows (row blocks of 32 and 64) over three splits. The backward runs
+    twice: the two deterministic passes and the single pass with atomic dq."""
     dtype = F32 if width == 4 else (BF16, F16)[index % 2]
     empty_rows = ("zero", "uniform")[index % 2]
     hidden = 2
     with every_kernel_at_config(width, index):
         prefill = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         decode = make_case(1, 9, 8, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
+        single_pass = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         for attention, forward_fn, backward_fn in (
             (prefill, forward, backward),
+            (single_pass, forward, backward_single_pass),
             (decode, decode_forward(3), None),
         ):
             if empty_rows == "uniform":  # an empty row sees every chunk: nothing is hidden
@@ -615,6 +730,29 @@ def test_float32_backward_honours_pytorch_tf32_setting(monkeypatch, setting, dty
     assert ita.float32_backward_precision() == "ieee"  # restored
 
 
+def test_float32_single_pass_with_tf32_runs_its_own_tiles(monkeypatch):
+    """The float32 single pass has a tile list per precision (no shape compiles spill-free with both):
+    with TF32 allowed it launches the TF32 list's config, and matches the reference."""
+    passed = {}
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        passed[name] = (kwargs.get("INPUT_PRECISION"), kwargs.get("tune_configs"))
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(1, 40, 4, 2, 80, 2, 17, dtype=F32)
+    for setting, configs in (
+        ("default", ita._FUSED_CONFIGS[4][16]),
+        ("set_float32_matmul_precision", ita._FUSED_TF32_CONFIGS[16]),
+    ):
+        with _matmul_precision(setting):
+            check_against_reference(attention, forward, backward_single_pass)
+        precision, tuned = passed["image_text_attention_bwd_fused"]
+        assert precision == ("ieee" if setting == "default" else "tf32")
+        assert tuned == configs
+
+
 # ---- NaN and inf -------------------------------------------------------------------------------------
 # A non-finite input must show in every output the math makes it reach: a query row -> that row's
 # output and gradients (and the dk, dv of the keys it sees); a visible key or value -> the rows that
@@ -751,9 +889,17 @@ def test_every_config_is_registered_for_the_compile_report():
             ita._bwd_dq_kernel,
             lambda t: ita._by_block(ita._DQ_CONFIGS, t, t.dq_block_m),
         ),
+        "image_text_attention_bwd_fused": (
+            ita._bwd_dkdv_kernel,
+            lambda t: ita._by_block(ita._FUSED_CONFIGS, t, t.dkdv_block_m),
+        ),
     }
     registered = {entry.name: entry for entry in REGISTRY.from_modules([ita.__name__])}
-    backward = ("image_text_attention_bwd_dkdv", "image_text_attention_bwd_dq")
+    backward = (
+        "image_text_attention_bwd_dkdv",
+        "image_text_attention_bwd_dq",
+        "image_text_attention_bwd_fused",
+    )
     # The float32 backward once more with TF32 dots (float32_backward_precision).
     assert len(registered) == len(families) * 7 + len(backward) * 4
     for name in backward:
@@ -764,6 +910,10 @@ def test_every_config_is_registered_for_the_compile_report():
             assert len(entry.configs) == (
                 len(families[name][1](ita._TILES[4])) if head_dim == 128 else 1
             )
+    for label in ("bf16", "fp32", "fp32tf32"):
+        for name, atomic_dq in (("bwd_dkdv", False), ("bwd_fused", True)):
+            entry = registered[f"image_text_attention_{name}[{label},d128]"]
+            assert all(aot.constexprs["ATOMIC_DQ"] is atomic_dq for aot in entry.configs)
     for name, (kernel, configs_for) in families.items():
         for dtype, width, head_dims in (("bf16", 2, (64, 80, 96)), ("fp32", 4, (80, 96))):
             configs = list(configs_for(ita._TILES[width]))

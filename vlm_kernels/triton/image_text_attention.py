@@ -432,6 +432,7 @@ def _bwd_dkdv_kernel(
     qb_ids_ptr,  # int32 [B, M, nQB], contiguous: those blocks, ascending
     dk_ptr,  # [B, Lk, Hkv, Dh], contiguous
     dv_ptr,  # [B, Lk, Hkv, Dh], contiguous
+    dq_acc_ptr,  # float32 [B, Lq, Hq, Dh], contiguous, zeroed: dq accumulated (read if ATOMIC_DQ)
     # sizes
     Lq,
     M,
@@ -467,6 +468,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per block (= the schedule's block)
     BLOCK_N: tl.constexpr,  # keys per program
     INPUT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add this program's share of dq into dq_acc (single pass)
 ):
     key_tile = tl.program_id(0)  # over M * tiles_per_chunk
     pid_bk = tl.program_id(1).to(tl.int64)  # over B * Hkv
@@ -545,6 +547,17 @@ def _bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(grad_out), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:
+            # dq[rows] += scale * ds k over this program's keys: one float32 atomic per element, in
+            # whatever order the programs of the other key tiles reach the rows (not deterministic).
+            dq_part = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=INPUT_PRECISION)
+            dq_rows = ((batch * Lq + rows64) * heads_q + head) * HEAD_DIM
+            tl.atomic_add(
+                dq_acc_ptr + dq_rows[:, None] + offs_d[None, :],
+                dq_part * scale,
+                mask=row_in[:, None] & d_in[None, :],
+                sem="relaxed",
+            )
 
     dk *= scale
     out_in = key_in[:, None] & d_in[None, :]
@@ -761,6 +774,27 @@ _DQ_CONFIGS = {
     },
     4: {32: _configs((16, 4, 1), BLOCK_M=32)},
 }
+# The single-pass backward (the dk/dv kernel with ATOMIC_DQ): the dk/dv blocks (the two-pass lists
+# pick the block, ``_dkdv_block``), with tiles that fit the dq share's extra BLOCK_M x BLOCK_D float32
+# tile and atomics. At 16 bits the 128-key tiles spilled 20-84 B on sm_80 at Dh 80-128 (both Triton
+# versions) and (32, 4, 2) / (32, 4, 3) at BLOCK_M=32 8-76 B; (64, 8, 2) at both blocks and (32, 4, 2)
+# at BLOCK_M=16 compile at 0 B at Dh 64-128 under both (sm_80: 184-254 registers, sm_90a: 116-192).
+# float32 has one list per backward precision: no shape found compiles at 0 B with both FMA and TF32
+# dots at Dh 64-128 under both versions (BLOCK_M=16 x BLOCK_N 16-32 at 2-8 warps and 1-3 stages: 4-700 B
+# spilled on one arch, version or head dim each). FMA: (32, 8, 2) (TF32 there: 8-16 B at Dh 64-96);
+# TF32: (16, 4, 1) (FMA there: 40 B at Dh 80/96 on sm_80 under 3.8).
+_FUSED_CONFIGS = {
+    2: {
+        32: _configs((64, 8, 2), BLOCK_M=32),
+        16: _configs((64, 8, 2), (32, 4, 2), BLOCK_M=16),
+    },
+    4: {16: _configs((32, 8, 2), BLOCK_M=16)},
+}
+_FUSED_TF32_CONFIGS = {16: _configs((16, 4, 1), BLOCK_M=16)}  # float32 inputs, TF32 dots
+_DKDV_LISTS = {
+    "image_text_attention_bwd_dkdv": _DKDV_CONFIGS,
+    "image_text_attention_bwd_fused": _FUSED_CONFIGS,
+}
 # The combine kernel at 4 warps spilled 8 bytes on sm_90a (at 56 registers) for Dh 80 and 96.
 _COMBINE_CONFIGS = (triton.Config({"COMBINE_R": 16}, num_warps=2, num_stages=2),)
 _PREPROCESS_CONFIGS = (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),)
@@ -804,7 +838,17 @@ def _kernel_configs(tiles: _Tiles) -> dict[str, tuple[triton.Config, ...]]:
         "image_text_attention_bwd_preprocess": _PREPROCESS_CONFIGS,
         "image_text_attention_bwd_dkdv": _by_block(_DKDV_CONFIGS, tiles, tiles.dkdv_block_m),
         "image_text_attention_bwd_dq": _by_block(_DQ_CONFIGS, tiles, tiles.dq_block_m),
+        "image_text_attention_bwd_fused": _by_block(_FUSED_CONFIGS, tiles, tiles.dkdv_block_m),
     }
+
+
+def _dkdv_lists(name: str, tiles: _Tiles, precision: str) -> dict[int, tuple[triton.Config, ...]]:
+    """Per query block, the configs of dk/dv kernel ``name`` (two-pass, or the single pass) for inputs
+    of ``tiles``' width and backward dots at ``precision``: the single pass at float32 has a list per
+    precision (``_FUSED_TF32_CONFIGS``), every other list serves both."""
+    if name == "image_text_attention_bwd_fused" and _width(tiles) == 4 and precision == "tf32":
+        return _FUSED_TF32_CONFIGS
+    return _DKDV_LISTS[name][_width(tiles)]
 
 
 def _width(tiles: _Tiles) -> int:
@@ -818,6 +862,7 @@ def _by_block(configs: dict, tiles: _Tiles, blocks: tuple[int, ...]) -> tuple[tr
 
 for _name in _kernel_configs(_TILES[2]):
     declare_configs(_name, *(_kernel_configs(tiles)[_name] for tiles in _TILES.values()))
+declare_configs("image_text_attention_bwd_fused", sum(_FUSED_TF32_CONFIGS.values(), ()))
 
 
 # ---- launchers ---------------------------------------------------------------------------------------
@@ -941,12 +986,24 @@ def _dq_block(q: torch.Tensor) -> int:
     )
 
 
-def _dkdv_block(q: torch.Tensor, k: torch.Tensor | None, media_len: int | None) -> int:
-    """The BLOCK_M of the dk/dv config that will run. Its programs own BLOCK_N keys of one chunk, so
-    the grid is B * Hkv * M * ceil(media_len / BLOCK_N): the 128-key programs are taken when they
-    still give every SM two. Without ``k`` and ``media_len`` (not known): the first block."""
+def _dkdv_block(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    media_len: int | None,
+    name: str = "image_text_attention_bwd_dkdv",
+) -> int:
+    """The BLOCK_M of the config of dk/dv kernel ``name`` (the two-pass one, or the single pass
+    ``"image_text_attention_bwd_fused"``) that will run: a forced config's, else the heuristic's on
+    the two-pass lists, so both passes walk the same transposed schedule. The programs own BLOCK_N
+    keys of one chunk, so the grid is B * Hkv * M * ceil(media_len / BLOCK_N): the 128-key programs
+    are taken when they still give every SM two. Without ``k`` and ``media_len`` (not known): the
+    first block."""
     tiles = _tiles(q.dtype)
-    configs_by_block = {block: _DKDV_CONFIGS[_width(tiles)][block] for block in tiles.dkdv_block_m}
+    if name != "image_text_attention_bwd_dkdv":
+        lists = _dkdv_lists(name, tiles, _bwd_precision(tiles, q.dtype))
+        forced = forced_config(name, [c for block in tiles.dkdv_block_m for c in lists[block]])
+        if forced is not None:
+            return forced.kwargs["BLOCK_M"]
 
     def programs(config: triton.Config) -> int:
         if k is None or media_len is None:
@@ -955,6 +1012,8 @@ def _dkdv_block(q: torch.Tensor, k: torch.Tensor | None, media_len: int | None) 
         tiles_per_chunk = triton.cdiv(media_len, config.kwargs["BLOCK_N"])
         return batch * heads_kv * (keys // media_len) * tiles_per_chunk
 
+    lists = _DKDV_CONFIGS[_width(tiles)]
+    configs_by_block = {block: lists[block] for block in tiles.dkdv_block_m}
     return _pick_block("image_text_attention_bwd_dkdv", configs_by_block, programs, q.device)
 
 
@@ -1184,13 +1243,21 @@ def image_text_attention_bwd_triton(
     scale: float,
     empty_rows: str,
     schedule: tuple[torch.Tensor, ...] | None = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` contiguous, in the inputs' dtypes, for the output cotangent ``grad_out``;
     ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0.
 
     ``schedule``: a ``MediaSchedule``'s ``(dq chunk_count, dq chunk_ids, qb_count, qb_ids)`` (the dq
     schedule and the transposed dk/dv schedule of ``schedule_blocks``), and then ``media_mask`` is its
-    kernel mask; without one the launcher builds both."""
+    kernel mask; without one the launcher builds both.
+
+    ``deterministic`` (default): two passes, dk/dv per key tile and dq per query block, no atomics:
+    bitwise reproducible. ``deterministic=False`` takes the single pass unless
+    ``torch.are_deterministic_algorithms_enabled()``: the dk/dv kernel also adds each program's dq
+    share into a zeroed float32 buffer with atomics (``ATOMIC_DQ``), cast to q's dtype after; it saves
+    the dq pass's recomputation of the scores and the second read of q, k, v, dO, at the price of
+    float32 additions in run-dependent order (dq may differ in the last bits between runs)."""
     _check_runnable(q, empty_rows)
     batch, query_len, heads_q, head_dim = q.shape
     keys, heads_kv, num_chunks = k.shape[1], k.shape[2], media_mask.shape[2]
@@ -1220,12 +1287,12 @@ def image_text_attention_bwd_triton(
         **head_meta,
     )
 
-    # The two schedules: chunks per query block (dq) and query blocks per chunk (dk, dv), for the
-    # query blocks of the configs that will run.
-    dq_block, dkdv_block = _dq_block(q), _dkdv_block(q, k, media_len)
+    single_pass = not (deterministic or torch.are_deterministic_algorithms_enabled())
+    dkdv_name = "image_text_attention_bwd_fused" if single_pass else "image_text_attention_bwd_dkdv"
+    # The schedules, for the query blocks of the configs that will run: query blocks per chunk (dk,
+    # dv; and dq in the single pass) and chunks per query block (the dq pass).
+    dkdv_block = _dkdv_block(q, k, media_len, dkdv_name)
     given = (None, None) if schedule is None else (schedule[:2], schedule[2:])
-    dq_schedule = _given_schedule(given[0], query_len, dq_block)
-    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, dq_block)
     n_qb_dkdv = triton.cdiv(query_len, dkdv_block)
     if given[1] is not None and given[1][1].shape[2] == n_qb_dkdv:
         qb_count, qb_ids = given[1]
@@ -1235,6 +1302,8 @@ def image_text_attention_bwd_triton(
         )
     mask_u8, mask_strides = _mask_args(mask)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    # The single pass's dq accumulator; the two-pass dk/dv kernel reads no dq_acc (delta stands in).
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if single_pass else delta
     dkdv_args = (
         q,
         k,
@@ -1247,6 +1316,7 @@ def image_text_attention_bwd_triton(
         qb_ids,
         dk,
         dv,
+        dq_acc,
         query_len,
         num_chunks,
         media_len,
@@ -1260,16 +1330,25 @@ def image_text_attention_bwd_triton(
         *mask_strides,
         *dk.stride()[:3],
     )
-    _launch(
-        "image_text_attention_bwd_dkdv",
+    dkdv_lists = _dkdv_lists(dkdv_name, tiles, precision)
+    launch(
+        dkdv_name,
         _bwd_dkdv_kernel,
-        tiles,
+        tuple(config for block in tiles.dkdv_block_m for config in dkdv_lists[block]),
         lambda meta: (num_chunks * triton.cdiv(media_len, meta["BLOCK_N"]), batch * heads_kv),
         dkdv_args,
-        tune_configs=_DKDV_CONFIGS[_width(tiles)][dkdv_block],
+        tune_key=_TUNE_KEY,
+        tune_configs=dkdv_lists[dkdv_block],
         INPUT_PRECISION=precision,
+        ATOMIC_DQ=single_pass,
         **head_meta,
     )
+    if single_pass:
+        return dq.copy_(dq_acc), dk, dv
+
+    dq_block = _dq_block(q)
+    dq_schedule = _given_schedule(given[0], query_len, dq_block)
+    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, dq_block)
     n_qb_dq = triton.cdiv(query_len, dq_block)
     dq_args = (
         q,
@@ -1353,6 +1432,8 @@ def _register(name: str, kernel, signature_for, tf32_variant=False, **constexprs
     for label, dtype, width, overrides in variants:
         tiles = _TILES[width]
         configs = _kernel_configs(tiles)[name]
+        if overrides and name == "image_text_attention_bwd_fused":
+            configs = sum(_dkdv_lists(name, tiles, "tf32").values(), ())
         constexprs = {key: value(tiles) for key, value in constexprs_for.items()} | overrides
         head_dims = _AOT_TF32_HEAD_DIMS if overrides else _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]
         for head_dim, variant_configs in [(128, configs)] + [(d, configs[:1]) for d in head_dims]:
@@ -1419,21 +1500,26 @@ _register(
         aligned=f"stride_ob stride_ot stride_oh {_GRAD_STRIDES}",
     ),
 )
-_register(
-    "image_text_attention_bwd_dkdv",
-    _bwd_dkdv_kernel,
-    lambda dtype: _aot_signature(
+for _name, _atomic_dq in (
+    ("image_text_attention_bwd_dkdv", False),
+    ("image_text_attention_bwd_fused", True),
+):
+    _register(
+        _name,
         _bwd_dkdv_kernel,
-        dtype,
-        "q_ptr k_ptr v_ptr grad_out_ptr dk_ptr dv_ptr",
-        i32="qb_count_ptr qb_ids_ptr",
-        fp32="lse_ptr delta_ptr",
-        ints="Lq M media_len heads_q heads_kv group n_qb",
-        aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dkb stride_dkt stride_dkh",
-    ),
-    tf32_variant=True,
-    INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
-)
+        lambda dtype: _aot_signature(
+            _bwd_dkdv_kernel,
+            dtype,
+            "q_ptr k_ptr v_ptr grad_out_ptr dk_ptr dv_ptr",
+            i32="qb_count_ptr qb_ids_ptr",
+            fp32="lse_ptr delta_ptr dq_acc_ptr",
+            ints="Lq M media_len heads_q heads_kv group n_qb",
+            aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dkb stride_dkt stride_dkh",
+        ),
+        tf32_variant=True,
+        INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
+        ATOMIC_DQ=lambda tiles, atomic_dq=_atomic_dq: atomic_dq,
+    )
 _register(
     "image_text_attention_bwd_dq",
     _bwd_dq_kernel,

@@ -471,6 +471,46 @@ def test_block_heuristics_pick_fa2_tiles_when_the_grid_is_large(monkeypatch):
         assert fused == 32 and ita.schedule_blocks(big_q, many_keys, 577)[2] == 16
 
 
+def test_heaviest_first_orders_query_blocks_by_visible_chunks():
+    counts = torch.tensor([[1, 3, 2], [3, 0, 1]], dtype=torch.int32, device=TEST_DEVICE)
+    order = ita.heaviest_first(counts)
+    assert order.dtype == torch.int32 and order.device == counts.device
+    assert order.tolist() == [1, 3, 2, 0, 5, 4]  # ties keep index order
+
+
+def test_forward_launches_heaviest_query_blocks_first(monkeypatch):
+    """A cumulative mask (row t sees the chunks of the images before it): the last query blocks see
+    the most chunks, and the forward hands the kernel the (batch, block) pairs heaviest first, sorted
+    on the device from the schedule's counts; the result still matches the reference."""
+    passed = []
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        if name == "image_text_attention_fwd":
+            chunk_count, order = args[4], args[6]
+            passed.append((chunk_count.clone(), order.clone(), grid(kwargs)))
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(2, 200, 2, 1, 64, 4, 9, dtype=BF16)
+    rows = torch.arange(200, device=TEST_DEVICE)
+    cumulative = torch.arange(4, device=TEST_DEVICE)[None, :] <= rows[:, None] // 50
+    attention.media_mask[:] = cumulative
+    attention.media_mask[1, :, 3] = False  # the second sequence: three images
+    check_against_reference(attention, forward)
+    chunk_count, order, grid = passed[0]
+    n_qb = chunk_count.shape[1]
+    assert grid == (2 * n_qb * 2,)  # B * nQB * Hq programs, one dimension
+    flat = chunk_count.flatten()
+    assert sorted(order.tolist()) == list(range(2 * n_qb))
+    assert (flat[order.long()].diff() <= 0).all()
+    # Blocks of 64 rows: rows 128-191 and 192-199 of the first sequence see all four images (ties
+    # keep index order); the first sequence's first block (two images) ranks after the second's
+    # last blocks (three).
+    assert n_qb == 4 and order[:2].tolist() == [2, 3]
+    assert order.tolist().index(0) > order.tolist().index(n_qb + 2)
+
+
 def test_block_visibility_and_transposed_schedule():
     mask = random_media_mask(2, 70, 5).to(TEST_DEVICE)
     mask[1, 32:64] = False  # block 1 of batch 1 sees nothing

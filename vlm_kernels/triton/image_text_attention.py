@@ -19,7 +19,8 @@ tile is masked at its tail), so a tile lies in one chunk and each row needs one 
 of a chunk no row of the block sees are never loaded (tests poison them with NaN).
 
 Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators):
-- ``_fwd_kernel``: grid (nQB, B*Hq); online softmax over the scheduled key tiles.
+- ``_fwd_kernel``: grid (B*nQB*Hq); online softmax over the scheduled key tiles. Query blocks start
+  heaviest first (``heaviest_first``: the blocks that see the most chunks, sorted on the device).
 - ``_bwd_preprocess_kernel``: delta = rowsum(dO * O), [B, Hq, Lq] fp32.
 - ``_bwd_dkdv_kernel``: grid (key tiles, B*Hkv); a program owns BLOCK_N keys of one chunk and one kv
   head, and loops over the query blocks that see the chunk (the transposed schedule: chunk -> query
@@ -82,6 +83,7 @@ def _fwd_kernel(
     media_mask_ptr,  # uint8 [B, Lq, M] (the bool mask reinterpreted)
     chunk_count_ptr,  # int32 [B, nQB], contiguous
     chunk_ids_ptr,  # int32 [B, nQB, M], contiguous
+    order_ptr,  # int32 [B * nQB]: the (batch, query block) pairs, most visible chunks first
     out_ptr,  # [B, Lq, Hq, Dh]
     lse_ptr,  # float32 [B, Hq, Lq], contiguous
     # sizes
@@ -115,10 +117,16 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 inputs: "ieee" or "tf32"
 ):
-    q_block = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // heads_q
-    head = pid_bh - batch * heads_q
+    # Heaviest first: a 1-D grid in which program p runs the pair order[p // Hq] for head p % Hq.
+    # The GPU starts programs in grid order, so the query blocks that see the most chunks (the last
+    # rows of a cumulative mask) start first and the light ones fill the SMs at the end.
+    pid = tl.program_id(0)
+    rank = pid // heads_q
+    head = (pid - rank * heads_q).to(tl.int64)
+    pair = tl.load(order_ptr + rank)
+    batch = (pair // n_qb).to(tl.int64)
+    q_block = pair - (pair // n_qb) * n_qb
+    pid_bh = batch * heads_q + head
     kv_head = head // group
 
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -736,10 +744,16 @@ def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
 # (32, 8, 2) spilled 44-48 B at Dh 80/96 and (16, 4, 1) 8 B at Dh=128; the float32 decode's (16, 4, 2)
 # 8-56 B at Dh 80/96/128; the 16-bit decode's (128, 8, 2) 60 B on sm_80 at Dh=128. Their one-stage
 # versions, (32, 8, 1), (16, 8, 1), (16, 8, 1) and (128, 8, 1), compile at 0 B under 3.6 and 3.8 at
-# Dh 64/80/96/128 (the float32 tiles at 240-255 registers: no room to spare).
+# Dh 64/80/96/128 (the float32 tiles at 240-255 registers: no room to spare). 16-bit forward with
+# BLOCK_N=128 (heaviest-first grid): at BLOCK_M=64 with 8 warps, 2 and 3 stages spilled 60 B on sm_80
+# at Dh 80/96 under Triton 3.6 (3 stages: 4 B at Dh=128; 0 B under 3.8), with 4 warps 12-320 B at
+# Dh 80-128; at BLOCK_M=128 (8 warps) 48-120 B on sm_80 at Dh 80-128. (128, 8, 1) at BLOCK_M=64
+# compiles at 0 B at Dh 64-128 under both (sm_80: 187-240 registers, sm_90a: 155-211). The heaviest-
+# first grid (the pair loaded from the order, its divisions) costs registers: (64, 4, 2) and (64, 4, 3)
+# at BLOCK_M=64, at 255 registers and 0 B before, spilled 12 and 28 B on sm_80 at Dh=128 under 3.8.
 _FWD_CONFIGS = {
     32: _configs((32, 8, 1), (16, 8, 1), BLOCK_M=32),
-    64: _configs((32, 4, 3), (64, 4, 2), (64, 4, 3), (32, 4, 4), BLOCK_M=64),
+    64: _configs((32, 4, 3), (32, 4, 4), (128, 8, 1), BLOCK_M=64),
     128: _configs((64, 8, 2), (64, 8, 3), (32, 8, 3), BLOCK_M=128),
 }
 _DECODE_CONFIGS = {  # by the tiles' decode_max_rows
@@ -1071,6 +1085,13 @@ def image_text_attention_fwd_triton(
     return out, lse
 
 
+def heaviest_first(chunk_count: torch.Tensor) -> torch.Tensor:
+    """int32 [B * nQB]: the flat indices ``batch * nQB + query block`` of ``chunk_count`` [B, nQB]
+    (a chunk schedule's counts: the work of each query block, every chunk being media_len keys),
+    most visible chunks first, ties in index order. A device sort: no host sync."""
+    return torch.argsort(chunk_count.flatten(), descending=True, stable=True).to(torch.int32)
+
+
 def _prefill_forward(
     q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=None
 ) -> None:
@@ -1085,6 +1106,7 @@ def _prefill_forward(
     n_qb = triton.cdiv(query_len, block_m)
     schedule = _given_schedule(schedule, query_len, block_m)
     chunk_count, chunk_ids = schedule or block_chunk_schedule_triton(mask, block_m)
+    order = heaviest_first(chunk_count)
     mask_u8, mask_strides = _mask_args(mask)
     args = (
         q,
@@ -1093,6 +1115,7 @@ def _prefill_forward(
         mask_u8,
         chunk_count,
         chunk_ids,
+        order,
         out,
         lse,
         query_len,
@@ -1112,7 +1135,7 @@ def _prefill_forward(
         "image_text_attention_fwd",
         _fwd_kernel,
         configs,
-        lambda meta: (n_qb, batch * heads_q),
+        lambda meta: (batch * n_qb * heads_q,),
         args,
         tune_key=_TUNE_KEY,
         tune_configs=_FWD_CONFIGS[block_m],
@@ -1453,7 +1476,7 @@ _register(
         _fwd_kernel,
         dtype,
         "q_ptr k_ptr v_ptr out_ptr",
-        i32="chunk_count_ptr chunk_ids_ptr",
+        i32="chunk_count_ptr chunk_ids_ptr order_ptr",
         fp32="lse_ptr",
         ints="Lq M media_len heads_q group n_qb",
         aligned=f"{_QKV_STRIDES} stride_ob stride_ot stride_oh",

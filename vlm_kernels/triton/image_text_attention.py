@@ -26,6 +26,9 @@ Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softma
   head, and loops over the query blocks that see the chunk (the transposed schedule: chunk -> query
   blocks) times the query heads of its group, so dk/dv need no atomics and GQA sums in registers.
 - ``_bwd_dq_kernel``: grid (nQB, B*Hq); the forward's walk, accumulating dq.
+- The opt-in single pass (``deterministic=False``, kernel name ``image_text_attention_bwd_fused``):
+  ``_bwd_dkdv_kernel`` with ``ATOMIC_DQ``, also adding each program's dq share into a float32 buffer
+  with atomics; no dq kernel.
 - ``_decode_split_kernel`` + ``_decode_combine_kernel``: for Lq <= 16. One program holds every query
   row of one kv group (Lq * group rows, up to BLOCK_R) and one slice of the scheduled key tiles (the
   slices split the visible tiles evenly, counted on the device); it writes its partial (m, l, acc) to
@@ -35,7 +38,7 @@ Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; floa
 float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``), except
 that the float32 backward takes TF32 dots when PyTorch allows TF32 for float32 matmuls
 (``float32_backward_precision``: ``torch.set_float32_matmul_precision("high")`` and the like). The
-forward and backward are deterministic (no atomics). GPU launches pick among configs that
+forward and the default backward are deterministic (no atomics; the single pass is not). GPU launches pick among configs that
 ``python -m vlm_kernels.tools.gpu_report`` compiles for sm_80 and sm_90a with zero spills (registered
 at the bottom): the prefill and backward kernels autotuned once per bucket of (head dim, dtype,
 power-of-two buckets of media_len and M; ``_TUNE_KEY``), the decode kernels by a heuristic with no

@@ -76,6 +76,24 @@ def backward(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_ro
         )
 
 
+def backward_single_pass(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
+    """The opt-in single-pass backward (``deterministic=False``): dq by float32 atomics."""
+    with poisoned_allocations():
+        return ita.image_text_attention_bwd_triton(
+            grad_out,
+            q,
+            k,
+            v,
+            media_mask,
+            out,
+            lse,
+            media_len,
+            scale,
+            empty_rows,
+            deterministic=False,
+        )
+
+
 def _outputs(q):
     batch, query_len, heads_q, _ = q.shape
     with poisoned_allocations():
@@ -154,6 +172,90 @@ def test_forward_and_backward_match_reference(case):
         empty_rows=empty,
     )
     check_against_reference(attention, forward, backward)
+
+
+# The single pass on the cases whose dk/dv walk differs most: GQA 8/2 and 8/1 (dq of every head of
+# the group from one program), empty rows of both modes, a partial key tile (17, 65), every dtype.
+SINGLE_PASS_CASES = [CASES[i] for i in (0, 1, 2, 6)]
+
+
+@pytest.mark.parametrize("case", SINGLE_PASS_CASES, ids=_case_id)
+def test_single_pass_backward_matches_reference(monkeypatch, case):
+    """``deterministic=False``: one dk/dv kernel that also adds dq by atomics, no dq kernel."""
+    batch, query_len, hq, hkv, dh, chunks, media_len, dtype, kind, empty = case
+    attention = make_case(
+        batch,
+        query_len,
+        hq,
+        hkv,
+        dh,
+        chunks,
+        media_len,
+        dtype=dtype,
+        mask_kind=kind,
+        empty_rows=empty,
+    )
+    launched = []
+
+    def spy(name, *args, **kwargs):
+        launched.append((name, kwargs.get("ATOMIC_DQ")))
+        return launch(name, *args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    check_against_reference(attention, forward, backward_single_pass)
+    backward_launches = [entry for entry in launched if "_bwd_" in entry[0]]
+    assert backward_launches == [
+        ("image_text_attention_bwd_preprocess", None),
+        ("image_text_attention_bwd_fused", True),
+    ]
+
+
+def test_deterministic_algorithms_mode_keeps_the_two_passes(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` a ``deterministic=False`` backward still
+    runs the two deterministic passes; through the public function too, where ``deterministic``
+    reaches the kernels (and the default keeps the two passes)."""
+    import vlm_kernels as vk
+
+    launched = []
+
+    def spy(name, *args, **kwargs):
+        launched.append(name)
+        return launch(name, *args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(1, 40, 4, 2, 64, 2, 17, dtype=F32)
+    q, k, v = (x.clone().requires_grad_() for x in (attention.q, attention.k, attention.v))
+    mask, media_len = attention.media_mask, attention.media_len
+
+    def backward_kernels(**kwargs):
+        launched.clear()
+        out = vk.image_text_attention(
+            q, k, v, mask, media_len=media_len, backend="triton", **kwargs
+        )
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return [name for name in launched if "_bwd_d" in name or "_bwd_fused" in name], grads
+
+    two_pass = ["image_text_attention_bwd_dkdv", "image_text_attention_bwd_dq"]
+    assert backward_kernels()[0] == two_pass
+    single, single_grads = backward_kernels(deterministic=False)
+    assert single == ["image_text_attention_bwd_fused"]
+    schedule = vk.MediaSchedule(mask, media_len=media_len)
+    launched.clear()
+    out = vk.image_text_attention(q, k, v, schedule, backend="triton", deterministic=False)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert "image_text_attention_bwd_fused" in launched
+    for first, second in zip(grads, single_grads, strict=True):
+        torch.testing.assert_close(first, second)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backward_kernels(deterministic=False)[0] == two_pass
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        vk.image_text_attention(q, k, v, mask, media_len=media_len, deterministic=None)
 
 
 @pytest.mark.parametrize(
@@ -334,6 +436,81 @@ def test_query_blocks_visit_only_their_chunks(monkeypatch):
     assert chunk_ids[0, :, :2].tolist() == [[0, 1], [2, 3]]
 
 
+def test_block_heuristics_pick_fa2_tiles_when_the_grid_is_large(monkeypatch):
+    """On a GPU (faked: 4 SMs) each launcher takes its larger tile (16-bit: forward and dq query
+    blocks of 128 rows, dk/dv programs of 128 keys) when that still gives every SM two programs, else
+    the smaller; a forced config brings its own block; ``schedule_blocks`` names what the launchers
+    run, so a MediaSchedule hands over matching schedules."""
+    monkeypatch.setattr(ita, "_interpreting", lambda: False)
+    monkeypatch.setattr(ita, "_sm_count", lambda device: 4)
+    big_q = torch.zeros(1, 512, 4, 64, dtype=BF16)  # 4 heads x 4 blocks of 128 rows: 16 programs
+    small_q = torch.zeros(1, 130, 2, 64, dtype=BF16)  # 2 heads x 2 blocks of 128 rows: 4 programs
+    many_keys = torch.zeros(1, 2 * 577, 2, 64, dtype=BF16)  # 2 heads x 2 chunks x 5 tiles of 128
+    few_keys = torch.zeros(1, 2 * 37, 1, 64, dtype=BF16)  # 1 head x 2 chunks x 1 tile of 128
+    assert ita.schedule_blocks(big_q, many_keys, 577) == (128, 128, 16)
+    assert ita.schedule_blocks(small_q, few_keys, 37) == (64, 64, 32)
+    assert ita.schedule_blocks(big_q)[2] == 32  # keys unknown: the first dk/dv block
+    dkdv = ita._kernel_configs(ita._TILES[2])["image_text_attention_bwd_dkdv"]
+    last = len(dkdv) - 1
+    assert dkdv[last].kwargs == {"BLOCK_M": 16, "BLOCK_N": 128} and dkdv[last].num_warps == 8
+    with force_triton_config("image_text_attention_bwd_dkdv", 0):
+        assert ita.schedule_blocks(big_q, many_keys, 577)[2] == 32
+    with force_triton_config("image_text_attention_bwd_dq", 4):  # the first 128-row dq config
+        assert ita.schedule_blocks(small_q, few_keys, 37)[1] == 128
+    f32 = torch.zeros(1, 512, 4, 64)
+    assert ita.schedule_blocks(f32, many_keys.float(), 577) == (32, 32, 16)  # one block each
+    # The single pass's lists hold the dk/dv blocks and take the two-pass heuristic's: the same
+    # transposed schedule serves both; a forced single-pass config brings its own block.
+    for width in (2, 4):
+        assert list(ita._FUSED_CONFIGS[width]) == list(ita._DKDV_CONFIGS[width])
+    for keys, media_len in ((many_keys, 577), (few_keys, 37)):
+        fused = ita._dkdv_block(big_q, keys, media_len, "image_text_attention_bwd_fused")
+        assert fused == ita.schedule_blocks(big_q, keys, media_len)[2]
+    with force_triton_config("image_text_attention_bwd_fused", 0):
+        fused = ita._dkdv_block(big_q, many_keys, 577, "image_text_attention_bwd_fused")
+        assert fused == 32 and ita.schedule_blocks(big_q, many_keys, 577)[2] == 16
+
+
+def test_heaviest_first_orders_query_blocks_by_visible_chunks():
+    counts = torch.tensor([[1, 3, 2], [3, 0, 1]], dtype=torch.int32, device=TEST_DEVICE)
+    order = ita.heaviest_first(counts)
+    assert order.dtype == torch.int32 and order.device == counts.device
+    assert order.tolist() == [1, 3, 2, 0, 5, 4]  # ties keep index order
+
+
+def test_forward_launches_heaviest_query_blocks_first(monkeypatch):
+    """A cumulative mask (row t sees the chunks of the images before it): the last query blocks see
+    the most chunks, and the forward hands the kernel the (batch, block) pairs heaviest first, sorted
+    on the device from the schedule's counts; the result still matches the reference."""
+    passed = []
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        if name == "image_text_attention_fwd":
+            chunk_count, order = args[4], args[6]
+            passed.append((chunk_count.clone(), order.clone(), grid(kwargs)))
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(2, 200, 2, 1, 64, 4, 9, dtype=BF16)
+    rows = torch.arange(200, device=TEST_DEVICE)
+    cumulative = torch.arange(4, device=TEST_DEVICE)[None, :] <= rows[:, None] // 50
+    attention.media_mask[:] = cumulative
+    attention.media_mask[1, :, 3] = False  # the second sequence: three images
+    check_against_reference(attention, forward)
+    chunk_count, order, grid = passed[0]
+    n_qb = chunk_count.shape[1]
+    assert grid == (2 * n_qb * 2,)  # B * nQB * Hq programs, one dimension
+    flat = chunk_count.flatten()
+    assert sorted(order.tolist()) == list(range(2 * n_qb))
+    assert (flat[order.long()].diff() <= 0).all()
+    # Blocks of 64 rows: rows 128-191 and 192-199 of the first sequence see all four images (ties
+    # keep index order); the first sequence's first block (two images) ranks after the second's
+    # last blocks (three).
+    assert n_qb == 4 and order[:2].tolist() == [2, 3]
+    assert order.tolist().index(0) > order.tolist().index(n_qb + 2)
+
+
 def test_block_visibility_and_transposed_schedule():
     mask = random_media_mask(2, 70, 5).to(TEST_DEVICE)
     mask[1, 32:64] = False  # block 1 of batch 1 sees nothing
@@ -442,15 +619,18 @@ def test_every_config_matches_reference(width, index):
     kernels to work at every tile size: Lq=150 (a partial query block at BLOCK_M 32/64/128), 37 keys
     per chunk (a partial key tile at every BLOCK_N), Dh=80 (a partial BLOCK_D), GQA, a row that sees
     nothing (empty_rows alternates), a chunk no row sees poisoned with NaN ("zero" mode), and the
-    split-KV decode with 9 x 4 rows (row blocks of 32 and 64) over three splits."""
+    split-KV decode with 9 x 4 rows (row blocks of 32 and 64) over three splits. The backward runs
+    twice: the two deterministic passes and the single pass with atomic dq."""
     dtype = F32 if width == 4 else (BF16, F16)[index % 2]
     empty_rows = ("zero", "uniform")[index % 2]
     hidden = 2
     with every_kernel_at_config(width, index):
         prefill = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         decode = make_case(1, 9, 8, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
+        single_pass = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         for attention, forward_fn, backward_fn in (
             (prefill, forward, backward),
+            (single_pass, forward, backward_single_pass),
             (decode, decode_forward(3), None),
         ):
             if empty_rows == "uniform":  # an empty row sees every chunk: nothing is hidden
@@ -542,6 +722,75 @@ def test_float32_dot_precision_choice(head_dim):
     assert not one_pass_forward[0][1], one_pass_forward  # out: TF32 is not enough
     one_pass_backward = within_bound(tiles.fwd_precision, "tf32")
     assert not any(ok for _, ok, _, _ in one_pass_backward[1:]), one_pass_backward
+
+
+@contextlib.contextmanager
+def _matmul_precision(setting: str):
+    """PyTorch's float32 matmul precision set one of the ways a user sets it, restored after (through
+    the new API's getter and setter, which never mix with the legacy one)."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
+    if setting == "set_float32_matmul_precision":
+        torch.set_float32_matmul_precision("high")
+    elif setting == "matmul.fp32_precision":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif setting == "backends.fp32_precision":
+        torch.backends.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision = saved
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["default", "set_float32_matmul_precision", "matmul.fp32_precision", "backends.fp32_precision"],
+)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_float32_backward_honours_pytorch_tf32_setting(monkeypatch, setting, dtype):
+    """The float32 backward's dots are FMA ("ieee") unless PyTorch allows TF32 for float32 matmuls
+    (any of the ways it is set), then "tf32"; the float32 forward keeps 3xTF32 and 16-bit inputs are
+    unaffected. The interpreter computes float32 whatever the precision, so the test reads the
+    constexpr each launch passes (the outputs are still checked against the reference)."""
+    passed = {}
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        passed[name] = kwargs.get("INPUT_PRECISION")
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(1, 40, 4, 2, 64, 2, 17, dtype=dtype)
+    with _matmul_precision(setting):
+        check_against_reference(attention, forward, backward)
+    tf32 = setting != "default"
+    expected = "tf32" if dtype != F32 else ("tf32" if tf32 else "ieee")
+    assert passed["image_text_attention_bwd_dkdv"] == expected
+    assert passed["image_text_attention_bwd_dq"] == expected
+    assert passed["image_text_attention_fwd"] == ("tf32x3" if dtype == F32 else "tf32")
+    assert ita.float32_backward_precision() == "ieee"  # restored
+
+
+def test_float32_single_pass_with_tf32_runs_its_own_tiles(monkeypatch):
+    """The float32 single pass has a tile list per precision (no shape compiles spill-free with both):
+    with TF32 allowed it launches the TF32 list's config, and matches the reference."""
+    passed = {}
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        passed[name] = (kwargs.get("INPUT_PRECISION"), kwargs.get("tune_configs"))
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = ita.launch
+    monkeypatch.setattr(ita, "launch", spy)
+    attention = make_case(1, 40, 4, 2, 80, 2, 17, dtype=F32)
+    for setting, configs in (
+        ("default", ita._FUSED_CONFIGS[4][16]),
+        ("set_float32_matmul_precision", ita._FUSED_TF32_CONFIGS[16]),
+    ):
+        with _matmul_precision(setting):
+            check_against_reference(attention, forward, backward_single_pass)
+        precision, tuned = passed["image_text_attention_bwd_fused"]
+        assert precision == ("ieee" if setting == "default" else "tf32")
+        assert tuned == configs
 
 
 # ---- NaN and inf -------------------------------------------------------------------------------------
@@ -674,15 +923,37 @@ def test_every_config_is_registered_for_the_compile_report():
         ),
         "image_text_attention_bwd_dkdv": (
             ita._bwd_dkdv_kernel,
-            lambda t: ita._DKDV_CONFIGS[t.dkdv_block_m],
+            lambda t: ita._by_block(ita._DKDV_CONFIGS, t, t.dkdv_block_m),
         ),
         "image_text_attention_bwd_dq": (
             ita._bwd_dq_kernel,
-            lambda t: ita._DQ_CONFIGS[t.dq_block_m],
+            lambda t: ita._by_block(ita._DQ_CONFIGS, t, t.dq_block_m),
+        ),
+        "image_text_attention_bwd_fused": (
+            ita._bwd_dkdv_kernel,
+            lambda t: ita._by_block(ita._FUSED_CONFIGS, t, t.dkdv_block_m),
         ),
     }
     registered = {entry.name: entry for entry in REGISTRY.from_modules([ita.__name__])}
-    assert len(registered) == len(families) * 7
+    backward = (
+        "image_text_attention_bwd_dkdv",
+        "image_text_attention_bwd_dq",
+        "image_text_attention_bwd_fused",
+    )
+    # The float32 backward once more with TF32 dots (float32_backward_precision).
+    assert len(registered) == len(families) * 7 + len(backward) * 4
+    for name in backward:
+        for head_dim in (128, 64, 80, 96):
+            entry = registered[f"{name}[fp32tf32,d{head_dim}]"]
+            assert all(aot.constexprs["INPUT_PRECISION"] == "tf32" for aot in entry.configs)
+            assert entry.signature["q_ptr"] == "*fp32:16"
+            assert len(entry.configs) == (
+                len(families[name][1](ita._TILES[4])) if head_dim == 128 else 1
+            )
+    for label in ("bf16", "fp32", "fp32tf32"):
+        for name, atomic_dq in (("bwd_dkdv", False), ("bwd_fused", True)):
+            entry = registered[f"image_text_attention_{name}[{label},d128]"]
+            assert all(aot.constexprs["ATOMIC_DQ"] is atomic_dq for aot in entry.configs)
     for name, (kernel, configs_for) in families.items():
         for dtype, width, head_dims in (("bf16", 2, (64, 80, 96)), ("fp32", 4, (80, 96))):
             configs = list(configs_for(ita._TILES[width]))

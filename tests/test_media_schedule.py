@@ -118,7 +118,7 @@ def test_triton_launchers_build_no_schedule_when_given_one(monkeypatch, query_le
     )
     out.sum().backward()
     assert built == []
-    forward_block, dq_block, dkdv_block = ita.schedule_blocks(q)
+    forward_block, dq_block, dkdv_block = ita.schedule_blocks(q, k, media_len)
     assert forward_block == (query_len if query_len <= 16 else 32)  # float32 prefill: BLOCK_M=32
     assert set(schedule._chunk_schedules) == {
         min(forward_block, query_len),
@@ -156,12 +156,13 @@ def test_forced_bf16_block_sizes_read_matching_schedules():
     q, k, v, mask, media_len = _inputs(query_len=130, heads_q=2, heads_kv=1, chunks=2, media_len=4)
     q, k, v = (x.detach().to(torch.bfloat16) for x in (q, k, v))
     schedule = vk.MediaSchedule(mask, media_len=media_len)
-    for index in (0, 4):  # the first configs of BLOCK_M=64 and of BLOCK_M=128
+    first_128 = len(ita._FWD_CONFIGS[64])
+    for index in (0, first_128):  # the first configs of BLOCK_M=64 and of BLOCK_M=128
         with _launch.force_triton_config("image_text_attention_fwd", index):
             block = ita.schedule_blocks(q)[0]
             plain = vk.image_text_attention(q, k, v, mask, media_len=media_len, backend="triton")
             shared = vk.image_text_attention(q, k, v, schedule, backend="triton")
-        assert block == (64, 128)[index // 4]
+        assert block == (64 if index == 0 else 128)
         assert torch.equal(plain, shared)
     assert {64, 128} <= set(schedule._chunk_schedules)
 
@@ -260,7 +261,7 @@ def test_tune_bucket_and_key():
     q = torch.zeros(1, 1, 1, 16)
     key = _launch.tuning_key(
         ita._fwd_kernel,
-        (q, q, q, None, None, None, q, None, 17, 5, 577),
+        (q, q, q, None, None, None, None, q, None, 17, 5, 577),
         {"HEAD_DIM": 80, "INPUT_PRECISION": "tf32"},
         ita._TUNE_KEY,
     )
@@ -381,6 +382,23 @@ def test_decode_path_does_no_host_sync(monkeypatch, query_len, empty_rows):
         guard.active = False
     torch.testing.assert_close(shared, expected, atol=2e-5, rtol=2e-5)
     assert torch.equal(plain, shared)
+
+
+def test_prefill_heaviest_first_order_does_no_host_sync(monkeypatch):
+    """The prefill forward with a schedule: the heaviest-first order of its query blocks is sorted on
+    the device (``heaviest_first``), with no host sync."""
+    q, k, v, mask, media_len = _inputs(2, 40, 4, 2, 16, 4, 3)
+    q, k, v = (x.detach() for x in (q, k, v))
+    schedule = vk.MediaSchedule(mask, media_len=media_len)
+    schedule.chunk_schedule(ita.schedule_blocks(q)[0])  # built outside the guard
+    guard = _SyncGuard(monkeypatch)
+    guard.active = True
+    try:
+        shared = vk.image_text_attention(q, k, v, schedule, backend="triton")
+    finally:
+        guard.active = False
+    expected = vk.image_text_attention(q, k, v, mask, media_len=media_len, backend="reference")
+    torch.testing.assert_close(shared, expected, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="torch.cuda.set_sync_debug_mode needs a GPU")

@@ -49,6 +49,7 @@ def image_text_attention(
     scale: float | None = None,
     empty_rows: str | None = None,
     backend: str | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Cross-attention of text tokens to media tokens, each token seeing only its own media chunks.
 
@@ -70,9 +71,23 @@ def image_text_attention(
             schedules take "zero" / "uniform"). "mean" runs on the reference backend only for now:
             ``backend=None`` picks it, any other backend raises a ValueError naming it.
         backend: None/"auto", "reference", "cpu", "triton", "cuda" or "cuda_sim".
+        deterministic: True (default): the backward is bitwise reproducible on every backend. False
+            lets the Triton backward take its single pass (dk, dv and dq in one kernel, dq added with
+            float32 atomics in run-dependent order, so its last bits may differ between runs), which
+            skips the separate dq pass; ignored while ``torch.use_deterministic_algorithms(True)`` is
+            in force (checked when the backward runs), and by the other backends, whose backward is
+            deterministic.
 
     Returns:
         [B, Lq, Hq, Dh] in q's dtype. Softmax in float32.
+
+    Precision of float32 inputs on the Triton backend: float32-grade products by default (3xTF32
+    forward dots, FMA backward dots). Like a torch matmul, the backward honours PyTorch's TF32
+    switch when it runs: after ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``),
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, its dots take TF32 inputs (10-bit mantissas,
+    about 1e-3 relative error per product at Dh=128, on tensor cores). The forward keeps 3xTF32: a
+    single TF32 rounding there put the output 40x over the float32 tolerance.
     """
     backend = check_backend(backend)
     schedule = media_mask if isinstance(media_mask, MediaSchedule) else None
@@ -98,6 +113,8 @@ def image_text_attention(
         )
     empty_rows = "zero" if empty_rows is None else empty_rows
     _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     if empty_rows not in KERNEL_EMPTY_ROW_MODES and backend == "auto":
         # Only the reference implements this mode: auto picks it, as it picks the reference for
         # float64 (an explicit kernel backend raises in its kernel wrapper below).
@@ -105,18 +122,22 @@ def image_text_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if schedule is None:
-        out, _ = image_text_attention_op(q, k, v, media_mask, media_len, scale, empty_rows, backend)
-        return out
+        mask, schedule_tensors = media_mask, (None,) * 6
+    else:
+        mask = schedule.kernel_mask
+        schedule_tensors = _schedule_tensors(schedule, q, k, v, backend)
+        schedule_tensors += (None,) * (6 - len(schedule_tensors))
     out, _ = image_text_attention_op(
         q,
         k,
         v,
-        schedule.kernel_mask,
+        mask,
         media_len,
         scale,
         empty_rows,
         backend,
-        *_schedule_tensors(schedule, q, k, v, backend),
+        *schedule_tensors,
+        deterministic=deterministic,
     )
     return out
 
@@ -138,7 +159,7 @@ def _schedule_tensors(
         return ()
     from vlm_kernels.triton.image_text_attention import schedule_blocks
 
-    forward_block, dq_block, dkdv_block = schedule_blocks(q)
+    forward_block, dq_block, dkdv_block = schedule_blocks(q, k, schedule.media_len)
     tensors = schedule.chunk_schedule(forward_block)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         tensors += schedule.chunk_schedule(dq_block) + schedule.transposed_schedule(dkdv_block)
@@ -197,12 +218,14 @@ def image_text_attention_op(
     dq_chunk_ids: torch.Tensor | None = None,
     qb_count: torch.Tensor | None = None,
     qb_ids: torch.Tensor | None = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Lq, Hq, Dh], lse [B, Hq, Lq] float32, -inf on zeroed rows).
 
     The optional tensors are a ``MediaSchedule``'s, unpacked (then ``media_mask`` is its kernel mask):
     the forward chunk schedule and, for the backward, the dq and transposed schedules (the Triton
-    kernels read them; the other backends ignore them)."""
+    kernels read them; the other backends ignore them). ``deterministic``: for the backward (see
+    ``image_text_attention``); the forward is deterministic either way."""
     kernel = TABLE.forward_for(q.device, backend, q.dtype)
     if chunk_count is not None and kernel is _forward_triton:
         return kernel(
@@ -212,7 +235,7 @@ def image_text_attention_op(
 
 
 @image_text_attention_op.register_fake
-def _(q, k, v, media_mask, media_len, scale, empty_rows, backend, *schedule):
+def _(q, k, v, media_mask, media_len, scale, empty_rows, backend, *schedule, deterministic=True):
     batch, query_len, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, query_len), dtype=torch.float32)
 
@@ -234,18 +257,35 @@ def image_text_attention_backward_op(
     dq_chunk_ids: torch.Tensor | None = None,
     qb_count: torch.Tensor | None = None,
     qb_ids: torch.Tensor | None = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) shaped like q, k, v. The optional tensors: a ``MediaSchedule``'s dq and
-    transposed schedules (the Triton kernels read them)."""
+    transposed schedules (the Triton kernels read them). ``deterministic=False``: the Triton
+    backward may take its single pass with atomic dq (see ``image_text_attention``)."""
     kernel = TABLE.backward_for(q.device, backend, q.dtype)
     args = (grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows)
-    if dq_chunk_count is not None and kernel is _backward_triton:
-        return kernel(*args, schedule=(dq_chunk_count, dq_chunk_ids, qb_count, qb_ids))
-    return kernel(*args)
+    if kernel is not _backward_triton:
+        return kernel(*args)
+    schedule = None if dq_chunk_count is None else (dq_chunk_count, dq_chunk_ids, qb_count, qb_ids)
+    return kernel(*args, schedule=schedule, deterministic=deterministic)
 
 
 @image_text_attention_backward_op.register_fake
-def _(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, backend, *schedule):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    media_mask,
+    out,
+    lse,
+    media_len,
+    scale,
+    empty_rows,
+    backend,
+    *schedule,
+    deterministic=True,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -256,6 +296,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, media_mask, out, lse, *backward_schedule)
     ctx.args = (media_len, scale, empty_rows, backend)
+    ctx.deterministic = inputs[14] if len(inputs) >= 15 else True
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
 
@@ -263,7 +304,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, media_mask, out, lse, *backward_schedule = ctx.saved_tensors
     dq, dk, dv = image_text_attention_backward_op(
-        grad_out.contiguous(), q, k, v, media_mask, out, lse, *ctx.args, *backward_schedule
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        media_mask,
+        out,
+        lse,
+        *ctx.args,
+        *backward_schedule,
+        deterministic=ctx.deterministic,
     )
     return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
@@ -382,13 +432,35 @@ def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows, schedule=
 
 
 def _backward_triton(
-    grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, schedule=None
+    grad_out,
+    q,
+    k,
+    v,
+    media_mask,
+    out,
+    lse,
+    media_len,
+    scale,
+    empty_rows,
+    schedule=None,
+    deterministic=True,
 ):
     _check_kernel_mode("triton", empty_rows)
     from vlm_kernels.triton.image_text_attention import image_text_attention_bwd_triton
 
     return image_text_attention_bwd_triton(
-        grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows, schedule=schedule
+        grad_out,
+        q,
+        k,
+        v,
+        media_mask,
+        out,
+        lse,
+        media_len,
+        scale,
+        empty_rows,
+        schedule=schedule,
+        deterministic=deterministic,
     )
 
 

@@ -19,20 +19,26 @@ tile is masked at its tail), so a tile lies in one chunk and each row needs one 
 of a chunk no row of the block sees are never loaded (tests poison them with NaN).
 
 Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators):
-- ``_fwd_kernel``: grid (nQB, B*Hq); online softmax over the scheduled key tiles.
+- ``_fwd_kernel``: grid (B*nQB*Hq); online softmax over the scheduled key tiles. Query blocks start
+  heaviest first (``heaviest_first``: the blocks that see the most chunks, sorted on the device).
 - ``_bwd_preprocess_kernel``: delta = rowsum(dO * O), [B, Hq, Lq] fp32.
 - ``_bwd_dkdv_kernel``: grid (key tiles, B*Hkv); a program owns BLOCK_N keys of one chunk and one kv
   head, and loops over the query blocks that see the chunk (the transposed schedule: chunk -> query
   blocks) times the query heads of its group, so dk/dv need no atomics and GQA sums in registers.
 - ``_bwd_dq_kernel``: grid (nQB, B*Hq); the forward's walk, accumulating dq.
+- The opt-in single pass (``deterministic=False``, kernel name ``image_text_attention_bwd_fused``):
+  ``_bwd_dkdv_kernel`` with ``ATOMIC_DQ``, also adding each program's dq share into a float32 buffer
+  with atomics; no dq kernel.
 - ``_decode_split_kernel`` + ``_decode_combine_kernel``: for Lq <= 16. One program holds every query
   row of one kv group (Lq * group rows, up to BLOCK_R) and one slice of the scheduled key tiles (the
   slices split the visible tiles evenly, counted on the device); it writes its partial (m, l, acc) to
   a float32 workspace, which the combine kernel merges into out and lse.
 
 Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; float32 inputs keep
-float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``). The
-forward and backward are deterministic (no atomics). GPU launches pick among configs that
+float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``), except
+that the float32 backward takes TF32 dots when PyTorch allows TF32 for float32 matmuls
+(``float32_backward_precision``: ``torch.set_float32_matmul_precision("high")`` and the like). The
+forward and the default backward are deterministic (no atomics; the single pass is not). GPU launches pick among configs that
 ``python -m vlm_kernels.tools.gpu_report`` compiles for sm_80 and sm_90a with zero spills (registered
 at the bottom): the prefill and backward kernels autotuned once per bucket of (head dim, dtype,
 power-of-two buckets of media_len and M; ``_TUNE_KEY``), the decode kernels by a heuristic with no
@@ -80,6 +86,7 @@ def _fwd_kernel(
     media_mask_ptr,  # uint8 [B, Lq, M] (the bool mask reinterpreted)
     chunk_count_ptr,  # int32 [B, nQB], contiguous
     chunk_ids_ptr,  # int32 [B, nQB, M], contiguous
+    order_ptr,  # int32 [B * nQB]: the (batch, query block) pairs, most visible chunks first
     out_ptr,  # [B, Lq, Hq, Dh]
     lse_ptr,  # float32 [B, Hq, Lq], contiguous
     # sizes
@@ -113,10 +120,16 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 inputs: "ieee" or "tf32"
 ):
-    q_block = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // heads_q
-    head = pid_bh - batch * heads_q
+    # Heaviest first: a 1-D grid in which program p runs the pair order[p // Hq] for head p % Hq.
+    # The GPU starts programs in grid order, so the query blocks that see the most chunks (the last
+    # rows of a cumulative mask) start first and the light ones fill the SMs at the end.
+    pid = tl.program_id(0)
+    rank = pid // heads_q
+    head = (pid - rank * heads_q).to(tl.int64)
+    pair = tl.load(order_ptr + rank)
+    batch = (pair // n_qb).to(tl.int64)
+    q_block = pair - (pair // n_qb) * n_qb
+    pid_bh = batch * heads_q + head
     kv_head = head // group
 
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -430,6 +443,7 @@ def _bwd_dkdv_kernel(
     qb_ids_ptr,  # int32 [B, M, nQB], contiguous: those blocks, ascending
     dk_ptr,  # [B, Lk, Hkv, Dh], contiguous
     dv_ptr,  # [B, Lk, Hkv, Dh], contiguous
+    dq_acc_ptr,  # float32 [B, Lq, Hq, Dh], contiguous, zeroed: dq accumulated (read if ATOMIC_DQ)
     # sizes
     Lq,
     M,
@@ -465,6 +479,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per block (= the schedule's block)
     BLOCK_N: tl.constexpr,  # keys per program
     INPUT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add this program's share of dq into dq_acc (single pass)
 ):
     key_tile = tl.program_id(0)  # over M * tiles_per_chunk
     pid_bk = tl.program_id(1).to(tl.int64)  # over B * Hkv
@@ -543,6 +558,17 @@ def _bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(grad_out), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:
+            # dq[rows] += scale * ds k over this program's keys: one float32 atomic per element, in
+            # whatever order the programs of the other key tiles reach the rows (not deterministic).
+            dq_part = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=INPUT_PRECISION)
+            dq_rows = ((batch * Lq + rows64) * heads_q + head) * HEAD_DIM
+            tl.atomic_add(
+                dq_acc_ptr + dq_rows[:, None] + offs_d[None, :],
+                dq_part * scale,
+                mask=row_in[:, None] & d_in[None, :],
+                sem="relaxed",
+            )
 
     dk *= scale
     out_in = key_in[:, None] & d_in[None, :]
@@ -683,19 +709,23 @@ class _Tiles:
     """Tile sizes and dot precision for one input width. float32 keeps float32-grade products: 3xTF32
     (``"tf32x3"``) forward dots on tensor cores and FMA (``"ieee"``) backward dots, whose operands
     take two to four times the registers of 16-bit ones (measured by the compile report: 3xTF32
-    backward tiles spill even at 16x16 with Dh=128), hence the small float32 tiles."""
+    backward tiles spill even at 16x16 with Dh=128), hence the small float32 tiles.
+
+    The backward's query blocks come in pairs like the forward's, (few programs, many programs): the
+    second is the FlashAttention-2 size (dk/dv programs of 128 keys at 8 warps, dq programs of 128
+    query rows), taken when it still gives every SM two programs (``_pick_block``)."""
 
     fwd_block_m: tuple[int, ...]  # prefill query blocks: (few programs, many programs)
     decode_max_rows: int  # most query rows (Lq * group) in one decode program
-    dkdv_block_m: int  # query rows per block in the dk/dv kernel
-    dq_block_m: int  # query rows per block in the dq kernel
+    dkdv_block_m: tuple[int, ...]  # query rows per inner step of the dk/dv kernel: (few, many)
+    dq_block_m: tuple[int, ...]  # query rows per program of the dq kernel: (few, many)
     fwd_precision: str  # tl.dot input_precision of the forward and decode kernels
-    bwd_precision: str  # ... and of the backward kernels (ignored for 16-bit inputs)
+    bwd_precision: str  # ... of the backward kernels (float32: the default, see _bwd_precision)
 
 
 _TILES = {
-    2: _Tiles((64, 128), 64, 32, 64, "tf32", "tf32"),  # float16, bfloat16
-    4: _Tiles((32,), 32, 16, 32, "tf32x3", "ieee"),  # float32
+    2: _Tiles((64, 128), 64, (32, 16), (64, 128), "tf32", "tf32"),  # float16, bfloat16
+    4: _Tiles((32,), 32, (16,), (32,), "tf32x3", "ieee"),  # float32
 }
 
 
@@ -717,23 +747,70 @@ def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
 # (32, 8, 2) spilled 44-48 B at Dh 80/96 and (16, 4, 1) 8 B at Dh=128; the float32 decode's (16, 4, 2)
 # 8-56 B at Dh 80/96/128; the 16-bit decode's (128, 8, 2) 60 B on sm_80 at Dh=128. Their one-stage
 # versions, (32, 8, 1), (16, 8, 1), (16, 8, 1) and (128, 8, 1), compile at 0 B under 3.6 and 3.8 at
-# Dh 64/80/96/128 (the float32 tiles at 240-255 registers: no room to spare).
+# Dh 64/80/96/128 (the float32 tiles at 240-255 registers: no room to spare). 16-bit forward with
+# BLOCK_N=128 (heaviest-first grid): at BLOCK_M=64 with 8 warps, 2 and 3 stages spilled 60 B on sm_80
+# at Dh 80/96 under Triton 3.6 (3 stages: 4 B at Dh=128; 0 B under 3.8), with 4 warps 12-320 B at
+# Dh 80-128; at BLOCK_M=128 (8 warps) 48-120 B on sm_80 at Dh 80-128. (128, 8, 1) at BLOCK_M=64
+# compiles at 0 B at Dh 64-128 under both (sm_80: 187-240 registers, sm_90a: 155-211). The heaviest-
+# first grid (the pair loaded from the order, its divisions) costs registers: (64, 4, 2) and (64, 4, 3)
+# at BLOCK_M=64, at 255 registers and 0 B before, spilled 12 and 28 B on sm_80 at Dh=128 under 3.8.
 _FWD_CONFIGS = {
     32: _configs((32, 8, 1), (16, 8, 1), BLOCK_M=32),
-    64: _configs((32, 4, 3), (64, 4, 2), (64, 4, 3), (32, 4, 4), BLOCK_M=64),
+    64: _configs((32, 4, 3), (32, 4, 4), (128, 8, 1), BLOCK_M=64),
     128: _configs((64, 8, 2), (64, 8, 3), (32, 8, 3), BLOCK_M=128),
 }
 _DECODE_CONFIGS = {  # by the tiles' decode_max_rows
     32: _configs((16, 8, 1)),
     64: _configs((32, 4, 3), (64, 8, 2), (64, 8, 3), (128, 8, 1)),
 }
+# The backward's lists, per input width and query block. 16-bit dk/dv at FlashAttention-2 size: 128
+# keys and 8 warps hold k, v (16-bit) and dk, dv (float32) of 128 x BLOCK_D in registers across the
+# query loop, which leaves room for 16 query rows per inner step only: at BLOCK_M=32 they spilled
+# 128-152 B on sm_80 at Dh 80/96/128 (both Triton versions; sm_90a's wgmma keeps them at 0 B, 234-254
+# registers) and at BLOCK_M=64 56-10,700 B on both archs; (128, 8, 1) at BLOCK_M=32 spilled ~5 KB on
+# sm_80 even at Dh=64. BLOCK_M=16 compiles at 0 B with 1-3 stages at Dh 64-128 (sm_80: 218-255
+# registers, sm_90a: 122-228). 16-bit dq at BLOCK_M=128: BLOCK_N=64 spilled 28-312 B on sm_80 at
+# every head dim (8 warps; 4 warps: up to 2.7 KB on both archs) and BLOCK_N=32 at 4 warps 64-864 B;
+# (32, 8, 2) spilled 8 B on sm_80 at Dh=128 under Triton 3.6; (32, 8, 1) and (32, 8, 3) compile at
+# 0 B under both (sm_80: 172-255 registers, sm_90a: 118-154). float32 dq, compiled with FMA and with
+# TF32 dots (the backward's two float32 precisions): with TF32, (16, 4, 2) spilled 8 B on sm_90a at
+# Dh=64 under Triton 3.6, (16, 4, 3) 4 B at Dh 80/96 under 3.8, (16, 8, 2) 24 B and (32, 4, 1) 8-16 B;
+# (16, 2, 2) and (16, 2, 3) spilled 8-40 B with FMA. (16, 4, 1) compiles at 0 B with both, at Dh
+# 64-128, under both versions (FMA: 88-144 registers, TF32: 242-254).
 _DKDV_CONFIGS = {
-    16: _configs((32, 4, 2), BLOCK_M=16),
-    32: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=32),
+    2: {
+        32: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=32),
+        16: _configs((128, 8, 2), (128, 8, 3), BLOCK_M=16),
+    },
+    4: {16: _configs((32, 4, 2), BLOCK_M=16)},
 }
 _DQ_CONFIGS = {
-    32: _configs((16, 4, 2), BLOCK_M=32),
-    64: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), (64, 8, 3), BLOCK_M=64),
+    2: {
+        64: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), (64, 8, 3), BLOCK_M=64),
+        128: _configs((32, 8, 1), (32, 8, 3), BLOCK_M=128),
+    },
+    4: {32: _configs((16, 4, 1), BLOCK_M=32)},
+}
+# The single-pass backward (the dk/dv kernel with ATOMIC_DQ): the dk/dv blocks (the two-pass lists
+# pick the block, ``_dkdv_block``), with tiles that fit the dq share's extra BLOCK_M x BLOCK_D float32
+# tile and atomics. At 16 bits the 128-key tiles spilled 20-84 B on sm_80 at Dh 80-128 (both Triton
+# versions) and (32, 4, 2) / (32, 4, 3) at BLOCK_M=32 8-76 B; (64, 8, 2) at both blocks and (32, 4, 2)
+# at BLOCK_M=16 compile at 0 B at Dh 64-128 under both (sm_80: 184-254 registers, sm_90a: 116-192).
+# float32 has one list per backward precision: no shape found compiles at 0 B with both FMA and TF32
+# dots at Dh 64-128 under both versions (BLOCK_M=16 x BLOCK_N 16-32 at 2-8 warps and 1-3 stages: 4-700 B
+# spilled on one arch, version or head dim each). FMA: (32, 8, 2) (TF32 there: 8-16 B at Dh 64-96);
+# TF32: (16, 4, 1) (FMA there: 40 B at Dh 80/96 on sm_80 under 3.8).
+_FUSED_CONFIGS = {
+    2: {
+        32: _configs((64, 8, 2), BLOCK_M=32),
+        16: _configs((64, 8, 2), (32, 4, 2), BLOCK_M=16),
+    },
+    4: {16: _configs((32, 8, 2), BLOCK_M=16)},
+}
+_FUSED_TF32_CONFIGS = {16: _configs((16, 4, 1), BLOCK_M=16)}  # float32 inputs, TF32 dots
+_DKDV_LISTS = {
+    "image_text_attention_bwd_dkdv": _DKDV_CONFIGS,
+    "image_text_attention_bwd_fused": _FUSED_CONFIGS,
 }
 # The combine kernel at 4 warps spilled 8 bytes on sm_90a (at 56 registers) for Dh 80 and 96.
 _COMBINE_CONFIGS = (triton.Config({"COMBINE_R": 16}, num_warps=2, num_stages=2),)
@@ -776,13 +853,33 @@ def _kernel_configs(tiles: _Tiles) -> dict[str, tuple[triton.Config, ...]]:
         "image_text_attention_decode_split": _DECODE_CONFIGS[tiles.decode_max_rows],
         "image_text_attention_decode_combine": _COMBINE_CONFIGS,
         "image_text_attention_bwd_preprocess": _PREPROCESS_CONFIGS,
-        "image_text_attention_bwd_dkdv": _DKDV_CONFIGS[tiles.dkdv_block_m],
-        "image_text_attention_bwd_dq": _DQ_CONFIGS[tiles.dq_block_m],
+        "image_text_attention_bwd_dkdv": _by_block(_DKDV_CONFIGS, tiles, tiles.dkdv_block_m),
+        "image_text_attention_bwd_dq": _by_block(_DQ_CONFIGS, tiles, tiles.dq_block_m),
+        "image_text_attention_bwd_fused": _by_block(_FUSED_CONFIGS, tiles, tiles.dkdv_block_m),
     }
+
+
+def _dkdv_lists(name: str, tiles: _Tiles, precision: str) -> dict[int, tuple[triton.Config, ...]]:
+    """Per query block, the configs of dk/dv kernel ``name`` (two-pass, or the single pass) for inputs
+    of ``tiles``' width and backward dots at ``precision``: the single pass at float32 has a list per
+    precision (``_FUSED_TF32_CONFIGS``), every other list serves both."""
+    if name == "image_text_attention_bwd_fused" and _width(tiles) == 4 and precision == "tf32":
+        return _FUSED_TF32_CONFIGS
+    return _DKDV_LISTS[name][_width(tiles)]
+
+
+def _width(tiles: _Tiles) -> int:
+    return next(width for width, candidate in _TILES.items() if candidate is tiles)
+
+
+def _by_block(configs: dict, tiles: _Tiles, blocks: tuple[int, ...]) -> tuple[triton.Config, ...]:
+    """The configs of ``configs[width]`` for each query block of ``blocks``, in that order."""
+    return tuple(config for block in blocks for config in configs[_width(tiles)][block])
 
 
 for _name in _kernel_configs(_TILES[2]):
     declare_configs(_name, *(_kernel_configs(tiles)[_name] for tiles in _TILES.values()))
+declare_configs("image_text_attention_bwd_fused", sum(_FUSED_TF32_CONFIGS.values(), ()))
 
 
 # ---- launchers ---------------------------------------------------------------------------------------
@@ -825,6 +922,24 @@ def _tiles(dtype: torch.dtype) -> _Tiles:
     return _TILES[dtype.itemsize]
 
 
+def float32_backward_precision() -> str:
+    """The ``tl.dot`` input precision of the float32 backward: ``"tf32"`` when PyTorch allows TF32 for
+    float32 CUDA matmuls, else ``"ieee"`` (FMA, the default). Read at each backward launch, as a
+    torch matmul reads it when it runs, through the TF32 API that does not mix with the legacy one:
+    ``torch.backends.cuda.matmul.fp32_precision`` (which ``torch.set_float32_matmul_precision("high")``
+    and ``torch.backends.cuda.matmul.allow_tf32 = True`` set to ``"tf32"``), and when that is
+    ``"none"``, the generic ``torch.backends.fp32_precision`` it inherits from."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def _bwd_precision(tiles: _Tiles, dtype: torch.dtype) -> str:
+    """The backward kernels' ``INPUT_PRECISION``: the width's, or PyTorch's TF32 choice for float32."""
+    return float32_backward_precision() if dtype == torch.float32 else tiles.bwd_precision
+
+
 def _head_dim_meta(head_dim: int) -> dict:
     return {"HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
 
@@ -839,16 +954,33 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(device.index or 0) if device.type == "cuda" else 2
 
 
-def _prefill_block_m(q: torch.Tensor) -> int:
-    """The larger query block (more reuse of each k/v tile) when it still gives every SM two
-    programs; else the smaller (more programs, and a finer chunk schedule). The interpreter runs
-    the smaller."""
-    block_ms = _tiles(q.dtype).fwd_block_m
-    if _interpreting():
-        return block_ms[0]
+def _pick_block(
+    name: str, configs_by_block: dict[int, tuple[triton.Config, ...]], programs, device
+) -> int:
+    """The query block (BLOCK_M) the launch of kernel ``name`` will run: the forced config's, else
+    the heuristic's. ``configs_by_block``: its configs per block, (few programs, many programs) in
+    that order; ``programs(config)``: the grid size a config gives. The larger tile (more reuse of
+    each loaded tile) when it still gives every SM two programs, else the smaller (more programs).
+    The interpreter runs the first block."""
+    blocks = list(configs_by_block)
+    forced = forced_config(name, [c for block in blocks for c in configs_by_block[block]])
+    if forced is not None:
+        return forced.kwargs["BLOCK_M"]
+    if _interpreting() or len(blocks) == 1:
+        return blocks[0]
+    large = configs_by_block[blocks[-1]][0]
+    return blocks[-1] if programs(large) >= 2 * _sm_count(device) else blocks[0]
+
+
+def _prefill_block(q: torch.Tensor) -> int:
+    """The BLOCK_M of the prefill config that will run: the forced config's, else the heuristic's."""
     batch, query_len, heads_q, _ = q.shape
-    programs = batch * heads_q * triton.cdiv(query_len, block_ms[-1])
-    return block_ms[-1] if programs >= 2 * _sm_count(q.device) else block_ms[0]
+    return _pick_block(
+        "image_text_attention_fwd",
+        {block: _FWD_CONFIGS[block] for block in _tiles(q.dtype).fwd_block_m},
+        lambda config: batch * heads_q * triton.cdiv(query_len, config.kwargs["BLOCK_M"]),
+        q.device,
+    )
 
 
 def _forward_block(q: torch.Tensor) -> int:
@@ -859,18 +991,58 @@ def _forward_block(q: torch.Tensor) -> int:
     return query_len if query_len <= DECODE_MAX_QUERY_LEN else _prefill_block(q)
 
 
-def _prefill_block(q: torch.Tensor) -> int:
-    """The BLOCK_M of the prefill config that will run: the forced config's, else the heuristic's."""
-    configs = _kernel_configs(_tiles(q.dtype))["image_text_attention_fwd"]
-    forced = forced_config("image_text_attention_fwd", configs)
-    return forced.kwargs["BLOCK_M"] if forced is not None else _prefill_block_m(q)
-
-
-def schedule_blocks(q: torch.Tensor) -> tuple[int, int, int]:
-    """``(forward block, dq block, dk/dv block)``: the query-block sizes whose schedules the launchers
-    read for queries like ``q`` (a ``MediaSchedule`` builds these and no others)."""
+def _dq_block(q: torch.Tensor) -> int:
+    """The BLOCK_M of the dq config that will run (its programs: B * Hq * query blocks)."""
     tiles = _tiles(q.dtype)
-    return _forward_block(q), tiles.dq_block_m, tiles.dkdv_block_m
+    batch, query_len, heads_q, _ = q.shape
+    return _pick_block(
+        "image_text_attention_bwd_dq",
+        {block: _DQ_CONFIGS[_width(tiles)][block] for block in tiles.dq_block_m},
+        lambda config: batch * heads_q * triton.cdiv(query_len, config.kwargs["BLOCK_M"]),
+        q.device,
+    )
+
+
+def _dkdv_block(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    media_len: int | None,
+    name: str = "image_text_attention_bwd_dkdv",
+) -> int:
+    """The BLOCK_M of the config of dk/dv kernel ``name`` (the two-pass one, or the single pass
+    ``"image_text_attention_bwd_fused"``) that will run: a forced config's, else the heuristic's on
+    the two-pass lists, so both passes walk the same transposed schedule. The programs own BLOCK_N
+    keys of one chunk, so the grid is B * Hkv * M * ceil(media_len / BLOCK_N): the 128-key programs
+    are taken when they still give every SM two. Without ``k`` and ``media_len`` (not known): the
+    first block."""
+    tiles = _tiles(q.dtype)
+    if name != "image_text_attention_bwd_dkdv":
+        lists = _dkdv_lists(name, tiles, _bwd_precision(tiles, q.dtype))
+        forced = forced_config(name, [c for block in tiles.dkdv_block_m for c in lists[block]])
+        if forced is not None:
+            return forced.kwargs["BLOCK_M"]
+
+    def programs(config: triton.Config) -> int:
+        if k is None or media_len is None:
+            return 0  # no keys known: the first block
+        batch, keys, heads_kv, _ = k.shape
+        tiles_per_chunk = triton.cdiv(media_len, config.kwargs["BLOCK_N"])
+        return batch * heads_kv * (keys // media_len) * tiles_per_chunk
+
+    lists = _DKDV_CONFIGS[_width(tiles)]
+    configs_by_block = {block: lists[block] for block in tiles.dkdv_block_m}
+    return _pick_block("image_text_attention_bwd_dkdv", configs_by_block, programs, q.device)
+
+
+def schedule_blocks(
+    q: torch.Tensor, k: torch.Tensor | None = None, media_len: int | None = None
+) -> tuple[int, int, int]:
+    """``(forward block, dq block, dk/dv block)``: the query-block sizes whose schedules the launchers
+    read for queries like ``q`` and keys like ``k`` of chunks of ``media_len`` (a ``MediaSchedule``
+    builds these and no others). The dk/dv block depends on the key count: without ``k`` and
+    ``media_len`` it is the first of the width's (a launcher given a schedule for another block
+    builds its own)."""
+    return _forward_block(q), _dq_block(q), _dkdv_block(q, k, media_len)
 
 
 def _given_schedule(schedule, query_len: int, block_q: int):
@@ -916,6 +1088,13 @@ def image_text_attention_fwd_triton(
     return out, lse
 
 
+def heaviest_first(chunk_count: torch.Tensor) -> torch.Tensor:
+    """int32 [B * nQB]: the flat indices ``batch * nQB + query block`` of ``chunk_count`` [B, nQB]
+    (a chunk schedule's counts: the work of each query block, every chunk being media_len keys),
+    most visible chunks first, ties in index order. A device sort: no host sync."""
+    return torch.argsort(chunk_count.flatten(), descending=True, stable=True).to(torch.int32)
+
+
 def _prefill_forward(
     q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=None
 ) -> None:
@@ -930,6 +1109,7 @@ def _prefill_forward(
     n_qb = triton.cdiv(query_len, block_m)
     schedule = _given_schedule(schedule, query_len, block_m)
     chunk_count, chunk_ids = schedule or block_chunk_schedule_triton(mask, block_m)
+    order = heaviest_first(chunk_count)
     mask_u8, mask_strides = _mask_args(mask)
     args = (
         q,
@@ -938,6 +1118,7 @@ def _prefill_forward(
         mask_u8,
         chunk_count,
         chunk_ids,
+        order,
         out,
         lse,
         query_len,
@@ -957,7 +1138,7 @@ def _prefill_forward(
         "image_text_attention_fwd",
         _fwd_kernel,
         configs,
-        lambda meta: (n_qb, batch * heads_q),
+        lambda meta: (batch * n_qb * heads_q,),
         args,
         tune_key=_TUNE_KEY,
         tune_configs=_FWD_CONFIGS[block_m],
@@ -1088,13 +1269,21 @@ def image_text_attention_bwd_triton(
     scale: float,
     empty_rows: str,
     schedule: tuple[torch.Tensor, ...] | None = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` contiguous, in the inputs' dtypes, for the output cotangent ``grad_out``;
     ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0.
 
     ``schedule``: a ``MediaSchedule``'s ``(dq chunk_count, dq chunk_ids, qb_count, qb_ids)`` (the dq
     schedule and the transposed dk/dv schedule of ``schedule_blocks``), and then ``media_mask`` is its
-    kernel mask; without one the launcher builds both."""
+    kernel mask; without one the launcher builds both.
+
+    ``deterministic`` (default): two passes, dk/dv per key tile and dq per query block, no atomics:
+    bitwise reproducible. ``deterministic=False`` takes the single pass unless
+    ``torch.are_deterministic_algorithms_enabled()``: the dk/dv kernel also adds each program's dq
+    share into a zeroed float32 buffer with atomics (``ATOMIC_DQ``), cast to q's dtype after; it saves
+    the dq pass's recomputation of the scores and the second read of q, k, v, dO, at the price of
+    float32 additions in run-dependent order (dq may differ in the last bits between runs)."""
     _check_runnable(q, empty_rows)
     batch, query_len, heads_q, head_dim = q.shape
     keys, heads_kv, num_chunks = k.shape[1], k.shape[2], media_mask.shape[2]
@@ -1112,6 +1301,7 @@ def image_text_attention_bwd_triton(
     group = heads_q // heads_kv
     head_meta = _head_dim_meta(head_dim)
     tiles = _tiles(q.dtype)
+    precision = _bwd_precision(tiles, q.dtype)
 
     delta = torch.empty((batch, heads_q, query_len), dtype=torch.float32, device=q.device)
     _launch(
@@ -1123,19 +1313,23 @@ def image_text_attention_bwd_triton(
         **head_meta,
     )
 
-    # The two schedules: chunks per query block (dq) and query blocks per chunk (dk, dv).
+    single_pass = not (deterministic or torch.are_deterministic_algorithms_enabled())
+    dkdv_name = "image_text_attention_bwd_fused" if single_pass else "image_text_attention_bwd_dkdv"
+    # The schedules, for the query blocks of the configs that will run: query blocks per chunk (dk,
+    # dv; and dq in the single pass) and chunks per query block (the dq pass).
+    dkdv_block = _dkdv_block(q, k, media_len, dkdv_name)
     given = (None, None) if schedule is None else (schedule[:2], schedule[2:])
-    dq_schedule = _given_schedule(given[0], query_len, tiles.dq_block_m)
-    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, tiles.dq_block_m)
-    n_qb_dkdv = triton.cdiv(query_len, tiles.dkdv_block_m)
+    n_qb_dkdv = triton.cdiv(query_len, dkdv_block)
     if given[1] is not None and given[1][1].shape[2] == n_qb_dkdv:
         qb_count, qb_ids = given[1]
     else:
         qb_count, qb_ids = block_chunk_schedule_triton(
-            _block_visibility(mask, tiles.dkdv_block_m).transpose(1, 2), 1
+            _block_visibility(mask, dkdv_block).transpose(1, 2), 1
         )
     mask_u8, mask_strides = _mask_args(mask)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    # The single pass's dq accumulator; the two-pass dk/dv kernel reads no dq_acc (delta stands in).
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if single_pass else delta
     dkdv_args = (
         q,
         k,
@@ -1148,6 +1342,7 @@ def image_text_attention_bwd_triton(
         qb_ids,
         dk,
         dv,
+        dq_acc,
         query_len,
         num_chunks,
         media_len,
@@ -1161,16 +1356,26 @@ def image_text_attention_bwd_triton(
         *mask_strides,
         *dk.stride()[:3],
     )
-    _launch(
-        "image_text_attention_bwd_dkdv",
+    dkdv_lists = _dkdv_lists(dkdv_name, tiles, precision)
+    launch(
+        dkdv_name,
         _bwd_dkdv_kernel,
-        tiles,
+        tuple(config for block in tiles.dkdv_block_m for config in dkdv_lists[block]),
         lambda meta: (num_chunks * triton.cdiv(media_len, meta["BLOCK_N"]), batch * heads_kv),
         dkdv_args,
-        INPUT_PRECISION=tiles.bwd_precision,
+        tune_key=_TUNE_KEY,
+        tune_configs=dkdv_lists[dkdv_block],
+        INPUT_PRECISION=precision,
+        ATOMIC_DQ=single_pass,
         **head_meta,
     )
-    n_qb_dq = triton.cdiv(query_len, tiles.dq_block_m)
+    if single_pass:
+        return dq.copy_(dq_acc), dk, dv
+
+    dq_block = _dq_block(q)
+    dq_schedule = _given_schedule(given[0], query_len, dq_block)
+    chunk_count, chunk_ids = dq_schedule or block_chunk_schedule_triton(mask, dq_block)
+    n_qb_dq = triton.cdiv(query_len, dq_block)
     dq_args = (
         q,
         k,
@@ -1200,7 +1405,8 @@ def image_text_attention_bwd_triton(
         tiles,
         lambda meta: (n_qb_dq, batch * heads_q),
         dq_args,
-        INPUT_PRECISION=tiles.bwd_precision,
+        tune_configs=_DQ_CONFIGS[_width(tiles)][dq_block],
+        INPUT_PRECISION=precision,
         **head_meta,
     )
     return dq, dk, dv
@@ -1216,6 +1422,10 @@ def image_text_attention_bwd_triton(
 # int argument equal to 1 is compiled as a constant).
 _AOT_WIDTHS = {"bf16": 2, "fp32": 4}  # element type -> input width (the _TILES key)
 _AOT_FIRST_CONFIG_HEAD_DIMS = {"bf16": (64, 80, 96), "fp32": (80, 96)}
+# The float32 backward kernels compile once more with TF32 dots (``float32_backward_precision``),
+# under this label, every config at Dh=128 and the first at Dh 64/80/96.
+_AOT_TF32 = "fp32tf32"
+_AOT_TF32_HEAD_DIMS = (64, 80, 96)
 _QKV_STRIDES = (
     "stride_qb stride_qt stride_qh stride_kb stride_kt stride_kh stride_vb stride_vt stride_vh"
 )
@@ -1238,19 +1448,24 @@ def _aot_signature(
     return {name: spec for name, spec in signature.items() if name in params}
 
 
-def _register(name: str, kernel, signature_for, **constexprs_for) -> None:
+def _register(name: str, kernel, signature_for, tf32_variant=False, **constexprs_for) -> None:
     """Registers ``kernel`` per element type: the width's config list (``_kernel_configs``),
-    ``signature_for(dtype)`` and each ``constexprs_for[key](tiles)``."""
-    for dtype, width in _AOT_WIDTHS.items():
+    ``signature_for(dtype)`` and each ``constexprs_for[key](tiles)``; with ``tf32_variant`` (the
+    backward), float32 once more at ``INPUT_PRECISION="tf32"``."""
+    variants = [(dtype, dtype, width, {}) for dtype, width in _AOT_WIDTHS.items()]
+    if tf32_variant:
+        variants.append((_AOT_TF32, "fp32", 4, {"INPUT_PRECISION": "tf32"}))
+    for label, dtype, width, overrides in variants:
         tiles = _TILES[width]
         configs = _kernel_configs(tiles)[name]
-        constexprs = {key: value(tiles) for key, value in constexprs_for.items()}
-        variants = [(128, configs)]
-        variants += [(dim, configs[:1]) for dim in _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]]
-        for head_dim, variant_configs in variants:
+        if overrides and name == "image_text_attention_bwd_fused":
+            configs = sum(_dkdv_lists(name, tiles, "tf32").values(), ())
+        constexprs = {key: value(tiles) for key, value in constexprs_for.items()} | overrides
+        head_dims = _AOT_TF32_HEAD_DIMS if overrides else _AOT_FIRST_CONFIG_HEAD_DIMS[dtype]
+        for head_dim, variant_configs in [(128, configs)] + [(d, configs[:1]) for d in head_dims]:
             register_aot(
                 kernel,
-                name=f"{name}[{dtype},d{head_dim}]",
+                name=f"{name}[{label},d{head_dim}]",
                 signature=signature_for(dtype),
                 configs=variant_configs,
                 constexprs={**constexprs, **_head_dim_meta(head_dim)},
@@ -1264,7 +1479,7 @@ _register(
         _fwd_kernel,
         dtype,
         "q_ptr k_ptr v_ptr out_ptr",
-        i32="chunk_count_ptr chunk_ids_ptr",
+        i32="chunk_count_ptr chunk_ids_ptr order_ptr",
         fp32="lse_ptr",
         ints="Lq M media_len heads_q group n_qb",
         aligned=f"{_QKV_STRIDES} stride_ob stride_ot stride_oh",
@@ -1311,20 +1526,26 @@ _register(
         aligned=f"stride_ob stride_ot stride_oh {_GRAD_STRIDES}",
     ),
 )
-_register(
-    "image_text_attention_bwd_dkdv",
-    _bwd_dkdv_kernel,
-    lambda dtype: _aot_signature(
+for _name, _atomic_dq in (
+    ("image_text_attention_bwd_dkdv", False),
+    ("image_text_attention_bwd_fused", True),
+):
+    _register(
+        _name,
         _bwd_dkdv_kernel,
-        dtype,
-        "q_ptr k_ptr v_ptr grad_out_ptr dk_ptr dv_ptr",
-        i32="qb_count_ptr qb_ids_ptr",
-        fp32="lse_ptr delta_ptr",
-        ints="Lq M media_len heads_q heads_kv group n_qb",
-        aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dkb stride_dkt stride_dkh",
-    ),
-    INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
-)
+        lambda dtype: _aot_signature(
+            _bwd_dkdv_kernel,
+            dtype,
+            "q_ptr k_ptr v_ptr grad_out_ptr dk_ptr dv_ptr",
+            i32="qb_count_ptr qb_ids_ptr",
+            fp32="lse_ptr delta_ptr dq_acc_ptr",
+            ints="Lq M media_len heads_q heads_kv group n_qb",
+            aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dkb stride_dkt stride_dkh",
+        ),
+        tf32_variant=True,
+        INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
+        ATOMIC_DQ=lambda tiles, atomic_dq=_atomic_dq: atomic_dq,
+    )
 _register(
     "image_text_attention_bwd_dq",
     _bwd_dq_kernel,
@@ -1337,5 +1558,6 @@ _register(
         ints="Lq M media_len heads_q group n_qb",
         aligned=f"{_QKV_STRIDES} {_GRAD_STRIDES} stride_dqb stride_dqt stride_dqh",
     ),
+    tf32_variant=True,
     INPUT_PRECISION=lambda tiles: tiles.bwd_precision,
 )

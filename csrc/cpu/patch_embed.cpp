@@ -346,7 +346,9 @@ template <typename Pixel, typename T, typename Out>
 void forward(const PatchEmbedFwdParams& p) {
   const int64_t patch = p.patch, dim = p.dim, cols = p.width / patch;
   const int64_t patches = (p.height / patch) * cols;
-  const int64_t k_size = p.channels * patch * patch, k_padded = round_up(k_size, kPair<T>);
+  const int64_t k_size = p.channels * patch * patch;
+  const int64_t k_padded =
+      std::is_same_v<T, float> ? k_size : round_up(k_size, kPatchEmbedBf16KAlign);
   const int64_t offset = p.cls_token != nullptr ? 1 : 0, tokens = patches + offset;
   const PixelView<Pixel> view{static_cast<const Pixel*>(p.pixels),
                               p.pixel_scale,

@@ -101,10 +101,11 @@ std::pair<at::Tensor, at::Tensor> normalization(const at::Tensor& pixels, int64_
 }
 
 // [K, N] row-major in `dtype`, as a brgemm B operand: unchanged for float32; for bfloat16, K padded
-// to even with zero rows and stored in VNNI pairs [K / 2][N][2].
-at::Tensor pack_b_operand(const at::Tensor& rows, at::ScalarType dtype) {
+// to a multiple of k_align (even) with zero rows and stored in VNNI pairs [K / 2][N][2].
+at::Tensor pack_b_operand(const at::Tensor& rows, at::ScalarType dtype, int64_t k_align) {
   if (dtype == at::kFloat) return rows.to(at::kFloat).contiguous();
-  const int64_t k = rows.size(0), n = rows.size(1), k_padded = k + (k % 2);
+  const int64_t k = rows.size(0), n = rows.size(1);
+  const int64_t k_padded = (k + k_align - 1) / k_align * k_align;
   at::Tensor padded = at::zeros({k_padded, n}, rows.options().dtype(dtype));
   padded.narrow(0, 0, k).copy_(rows);
   return padded.view({k_padded / 2, 2, n}).permute({0, 2, 1}).contiguous();
@@ -167,7 +168,8 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& pixels, const at::Tensor& weigh
 
   const at::ScalarType compute = compute_dtype(weight);
   const auto [scale, shift] = normalization(pixels, channels, pixel_mean, pixel_std);
-  const at::Tensor weight_t = pack_b_operand(weight.reshape({dim, -1}).t(), compute);
+  const at::Tensor weight_t =
+      pack_b_operand(weight.reshape({dim, -1}).t(), compute, kPatchEmbedBf16KAlign);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor cls_c = cls_token.has_value() ? cls_token->contiguous() : at::Tensor();
   const at::Tensor pos_c = pos_embed.has_value() ? pos_embed->contiguous() : at::Tensor();
@@ -219,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   const auto [scale, shift] = normalization(pixels, channels, pixel_mean, pixel_std);
   const at::Tensor grad_c = grad_out.to(compute).contiguous();
   const at::Tensor weight_rows =
-      need_pixels_grad ? pack_b_operand(weight.reshape({dim, k_size}), compute) : at::Tensor();
+      need_pixels_grad ? pack_b_operand(weight.reshape({dim, k_size}), compute, 2) : at::Tensor();
 
   PatchEmbedBwdParams p{};
   set_pixels(pixels, s, p);

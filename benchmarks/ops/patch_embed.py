@@ -6,8 +6,6 @@ bias [D], cls_token [D], pos_embed [N, D] with N = (H/P)*(W/P) + 1; output [B, N
 Peers (uint8 inputs are first normalized in PyTorch: (x / 255 - mean) / std, a full float copy):
   conv           F.conv2d(stride=P) + flatten/transpose + cat CLS + add pos (as HF CLIP/Mllama).
   unfold_linear  reshape/permute im2col copy + F.linear with the weight as [D, C*P*P] + CLS + pos.
-  mm             the GEMM ceiling (forward only): torch.mm of the image already normalized and
-                 unfolded outside the timed region; not an implementation (no bias, CLS, pos).
 """
 
 from __future__ import annotations
@@ -15,15 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.spec import (
-    Inputs,
-    OpSpec,
-    Peer,
-    ProviderUnavailable,
-    Shape,
-    randn,
-    seeded_generator,
-)
+from benchmarks.spec import Inputs, OpSpec, Peer, Shape, randn, seeded_generator
 
 OP = "patch_embed"
 
@@ -171,34 +161,6 @@ def prepare_unfold_linear(inputs: Inputs):
     return run
 
 
-def prepare_mm(inputs: Inputs):
-    """torch.mm(X, W^T) with X [B*N, C*P*P] the normalized patches, unfolded (and a zero row where
-    each image's CLS token goes, so the output is [B, N, D] like the others) before timing starts:
-    the GFLOP/s ceiling ours is measured against. Its values lack bias, CLS and pos (the error
-    column shows it)."""
-    if inputs.grad_inputs:
-        raise ProviderUnavailable(
-            "mm is the forward GEMM ceiling only (no gradients of bias/CLS/pos)"
-        )
-    weight = inputs.tensors["weight"]
-    d, c, patch, _ = weight.shape
-    with torch.no_grad():
-        x = _normalized_pixels(inputs).to(weight.dtype)
-        b, _, h, w = x.shape
-        rows, cols = h // patch, w // patch
-        x = x.reshape(b, c, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5)
-        patches = torch.zeros(b, rows * cols + 1, c * patch * patch, dtype=x.dtype, device=x.device)
-        patches[:, 1:] = x.reshape(b, rows * cols, c * patch * patch)
-        patches = patches.reshape(-1, c * patch * patch)
-        weight_t = weight.reshape(d, -1).t()
-    tokens = rows * cols + 1
-
-    def run():
-        return torch.mm(patches, weight_t).view(b, tokens, d)
-
-    return run
-
-
 SPEC = OpSpec(
     name=OP,
     shapes=SHAPES,
@@ -212,7 +174,6 @@ SPEC = OpSpec(
             "im2col copy (reshape/permute) + F.linear + CLS + pos",
             prepare_unfold_linear,
         ),
-        Peer("mm", "torch.mm of the pre-unfolded patches (GEMM ceiling, forward)", prepare_mm),
     ),
     default_baseline="conv",
     variant_help=VARIANT_HELP,

@@ -7,6 +7,7 @@
 #include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
 #include "torch/ops.h"
+#include "torch/patch_embed_cpu.h"
 #include "torch/patch_embed_gpu.h"
 
 #ifndef VLMK_CUDA_ARCHS
@@ -40,6 +41,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("image_text_attention_bwd_cpu", &vlmk::image_text_attention_bwd_cpu, "grad_out"_a, "q"_a,
         "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a, "uniform"_a);
   m.def("image_text_attention_cpu_supported", &vlmk::image_text_attention_cpu_supported);
+  m.def("patch_embed_fwd_cpu", &vlmk::patch_embed_fwd_cpu, "pixels"_a, "weight"_a, "bias"_a,
+        "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);
+  m.def("patch_embed_bwd_cpu", &vlmk::patch_embed_bwd_cpu, "grad_out"_a, "pixels"_a, "weight"_a,
+        "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
+  m.def("patch_embed_cpu_supported", &vlmk::patch_embed_cpu_supported);
   m.def("image_text_attention_fwd_cuda_sim", &vlmk::image_text_attention_fwd_cuda_sim, "q"_a, "k"_a,
         "v"_a, "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
   m.def("image_text_attention_bwd_cuda_sim", &vlmk::image_text_attention_bwd_cuda_sim, "grad_out"_a,

@@ -1,0 +1,632 @@
+// patch_embed on the CPU, forward and backward (semantics in cpu/patch_embed.h).
+//
+// Implicit GEMM. The B*Np patch rows are cut into blocks of at most kMaxBlockRows patches of one
+// image (equal-sized blocks per image, so the rows of a block are consecutive rows of the output
+// and of grad_out). GEMMs run on oneDNN's brgemm microkernel through at::native::cpublas::brgemm
+// (AMX tiles for bfloat16 where the CPU has them, AVX-512 for float32), float32 accumulation.
+//
+// Forward, per block: gather + normalize the block's patches into a per-thread A buffer
+// [rows, Kp] (no unfolded copy of the image ever exists), then for each tile of kTileN output
+// columns C = A W^T followed by the epilogue out = C + bias + pos, rounded once to the output
+// dtype and written straight into out [B, N, D]. The block of an image's first patch writes the
+// image's CLS row.
+//
+// Backward:
+//   grad_pos (float32) = sum over images of grad_out, then grad_bias = its sum over patch tokens
+//   (grad_cls is grad_pos[0], taken by the glue).
+//   grad_weight^T [K, D] = sum over blocks X_blk^T dYp_blk. The K rows are split across threads in
+//   whole (c, u) patch rows; each thread gathers only its slice of X^T per block and accumulates
+//   over the blocks in order: no reduction across threads, so the bits do not depend on the thread
+//   count. For bfloat16, dYp is packed once into VNNI pairs (the B operand layout).
+//   grad_pixels: per block C = dYp W ([rows, K]), scaled by pixel_scale[c] and scattered to the
+//   image (stride = kernel: every pixel belongs to exactly one patch).
+#include "cpu/patch_embed.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The extension is built for baseline x86-64; this file's kernels are built for AVX-512 and run
+// only where patch_embed_cpu_supported() says so. Every header is included above, so only this
+// file's own functions are compiled for AVX-512.
+#include <immintrin.h>
+#define VLMK_PE_AVX512 1
+#pragma GCC push_options
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+#else
+#define VLMK_PE_AVX512 0
+#endif
+
+namespace vlmk {
+namespace cpu {
+namespace {
+
+using at::BFloat16;
+using at::Half;
+
+// Patch rows per block at most (the K depth of the weight-gradient GEMM, the M of the others).
+constexpr int64_t kMaxBlockRows = 256;
+// Output columns per forward GEMM call: the C tile [rows, kTileN] float32 stays in L2 next to the
+// A block and the weight tile.
+constexpr int64_t kTileN = 256;
+// Largest brgemm M and N per call (each distinct shape is JIT-compiled once and cached).
+constexpr int64_t kGemmMaxM = 256;
+constexpr int64_t kGemmMaxN = 512;
+// float32 GEMMs run in K steps of 128 so the B rows of a step stay in L1/L2 across the M rows.
+constexpr int64_t kFloatKStep = 128;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Elements per 32-bit word of a brgemm B operand: bfloat16 B is in VNNI layout, pairs along K.
+template <typename T>
+constexpr int64_t kPair = std::is_same_v<T, float> ? 1 : 2;
+
+// ---- scratch memory -----------------------------------------------------------------------------
+
+struct FreeDeleter {
+  void operator()(void* ptr) const { std::free(ptr); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], FreeDeleter>;
+
+template <typename T>
+Buffer<T> make_buffer(int64_t count) {
+  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * sizeof(T), 64));
+  void* ptr = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(ptr != nullptr, "patch_embed (cpu): out of memory allocating ", bytes, " bytes");
+  return Buffer<T>(static_cast<T*>(ptr));
+}
+
+// ---- GEMM: C[M, N] (+)= A[M, K] B[K, N]; float32 C; bfloat16 B in VNNI layout [K / 2][ldb][2] ---
+
+inline void brgemm_call(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                        bool accumulate, const float* a, const float* b, float* c) {
+  for (int64_t p = 0; p < k; p += kFloatKStep) {
+    at::native::cpublas::brgemm(m, n, std::min(kFloatKStep, k - p), lda, ldb, ldc,
+                                accumulate || p > 0, a + p, b + p * ldb, c, /*is_vnni=*/false);
+  }
+}
+inline void brgemm_call(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                        bool accumulate, const BFloat16* a, const BFloat16* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/true);
+}
+
+// Any sizes (tiles M and N to the microkernel's sizes; K = 0 gives C = 0 or leaves it).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool accumulate,
+          const T* a, const T* b, float* c) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.f);
+    }
+    return;
+  }
+  for (int64_t m0 = 0; m0 < m; m0 += kGemmMaxM) {
+    for (int64_t n0 = 0; n0 < n; n0 += kGemmMaxN) {
+      brgemm_call(std::min(kGemmMaxM, m - m0), std::min(kGemmMaxN, n - n0), k, lda, ldb, ldc,
+                  accumulate, a + m0 * lda, b + n0 * kPair<T>, c + m0 * ldc + n0);
+    }
+  }
+}
+
+// Releases the AMX tile state a bfloat16 brgemm configured on this thread.
+template <typename T>
+struct GemmScope {
+  ~GemmScope() {
+    if constexpr (!std::is_same_v<T, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  }
+};
+
+// ---- blocks of patch rows -----------------------------------------------------------------------
+
+struct RowBlock {
+  int64_t image;  // b
+  int64_t first;  // first patch index i of the block
+  int64_t rows;   // patches in the block
+};
+
+// Each image's Np patches in ceil(Np / kMaxBlockRows) blocks of near-equal size (multiples of 16
+// except the last), in (image, patch) order.
+std::vector<RowBlock> row_blocks(int64_t batch, int64_t patches) {
+  std::vector<RowBlock> blocks;
+  if (patches == 0) return blocks;
+  const int64_t per_image = ceil_div(patches, kMaxBlockRows);
+  const int64_t rows = std::min(round_up(ceil_div(patches, per_image), 16), kMaxBlockRows);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t first = 0; first < patches; first += rows) {
+      blocks.push_back({b, first, std::min(rows, patches - first)});
+    }
+  }
+  return blocks;
+}
+
+// ---- element conversions and the contiguous row loops ----------------------------------------
+
+template <typename T>
+inline float to_float(T value) {
+  return static_cast<float>(value);
+}
+template <typename T>
+inline T from_float(float value) {
+  return static_cast<T>(value);
+}
+
+#if VLMK_PE_AVX512
+// 16 lanes of float32 from n <= 16 elements (masked: nothing is read past them).
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+inline __m512 load16(const float* ptr, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, ptr); }
+inline __m512 load16(const BFloat16* ptr, __mmask16 mask) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const Half* ptr, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, ptr));
+}
+inline __m512 load16(const uint8_t* ptr, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, ptr)));
+}
+inline __m512 load16(const double* ptr, __mmask16 mask) {
+  const __m256 low = _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), ptr));
+  const __m256 high =
+      _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask >> 8), ptr + 8));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
+}
+inline void store16(float* ptr, __m512 value, __mmask16 mask) {
+  _mm512_mask_storeu_ps(ptr, mask, value);
+}
+// float32 -> bfloat16, round to nearest even (as c10::BFloat16); NaN stays a (quiet) NaN. Integer
+// ops, so no AVX512-BF16 is needed.
+inline void store16(BFloat16* ptr, __m512 value, __mmask16 mask) {
+  const __m512i bits = _mm512_castps_si512(value);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+  _mm256_mask_storeu_epi16(ptr, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+inline void store16(Half* ptr, __m512 value, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(ptr, mask,
+                           _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(double* ptr, __m512 value, __mmask16 mask) {
+  _mm512_mask_storeu_pd(ptr, static_cast<__mmask8>(mask),
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(value)));
+  _mm512_mask_storeu_pd(ptr + 8, static_cast<__mmask8>(mask >> 8),
+                        _mm512_cvtps_pd(_mm512_extractf32x8_ps(value, 1)));
+}
+#endif
+
+// dst[j] = src[j] * scale + shift, j < n.
+template <typename Src, typename Dst>
+inline void scale_shift_row(const Src* src, float scale, float shift, int64_t n, Dst* dst) {
+#if VLMK_PE_AVX512
+  const __m512 scale_v = _mm512_set1_ps(scale), shift_v = _mm512_set1_ps(shift);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = lanes(n - j);
+    store16(dst + j, _mm512_fmadd_ps(load16(src + j, mask), scale_v, shift_v), mask);
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = from_float<Dst>(to_float(src[j]) * scale + shift);
+#endif
+}
+
+// dst[j] = c[j] (+ bias[j]) (+ pos[j]), j < n; bias / pos may be nullptr.
+template <typename Out>
+inline void add_store_row(const float* c, const Out* bias, const Out* pos, int64_t n, Out* dst) {
+#if VLMK_PE_AVX512
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = lanes(n - j);
+    __m512 value = _mm512_maskz_loadu_ps(mask, c + j);
+    if (bias != nullptr) value = _mm512_add_ps(value, load16(bias + j, mask));
+    if (pos != nullptr) value = _mm512_add_ps(value, load16(pos + j, mask));
+    store16(dst + j, value, mask);
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    float value = c[j];
+    if (bias != nullptr) value += to_float(bias[j]);
+    if (pos != nullptr) value += to_float(pos[j]);
+    dst[j] = from_float<Out>(value);
+  }
+#endif
+}
+
+// dst[j] += src[j], j < n (float32 dst).
+template <typename Src>
+inline void accumulate_row(const Src* src, int64_t n, float* dst) {
+#if VLMK_PE_AVX512
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = lanes(n - j);
+    _mm512_mask_storeu_ps(
+        dst + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst + j), load16(src + j, mask)));
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] += to_float(src[j]);
+#endif
+}
+
+// Where the pixels of one patch come from.
+template <typename Pixel>
+struct PixelView {
+  const Pixel* data;
+  const float* scale;  // [C]
+  const float* shift;  // [C]
+  int64_t stride_batch, stride_channel, stride_row, stride_col;
+  int64_t channels, patch, cols;  // cols = W / P
+
+  // Pointer to pixel (b, c, P*r + u, P*s) of patch i = r * cols + s.
+  const Pixel* patch_row(int64_t b, int64_t i, int64_t c, int64_t u) const {
+    const int64_t r = i / cols, s = i % cols;
+    return data + b * stride_batch + c * stride_channel + (patch * r + u) * stride_row +
+           patch * s * stride_col;
+  }
+};
+
+// dst[v * dst_stride] = normalized pixel v of one P-wide patch row, v < P.
+template <typename Pixel, typename T>
+inline void load_patch_row(const Pixel* src, int64_t src_stride, float scale, float shift,
+                           int64_t patch, T* dst, int64_t dst_stride) {
+  if (src_stride == 1 && dst_stride == 1) {
+    scale_shift_row(src, scale, shift, patch, dst);
+  } else {
+    for (int64_t v = 0; v < patch; ++v) {
+      dst[v * dst_stride] = from_float<T>(to_float(src[v * src_stride]) * scale + shift);
+    }
+  }
+}
+
+// A block of the forward: a[row][k] = X[b, first + row, k] for k < K, 0 for K <= k < lda.
+template <typename Pixel, typename T>
+void gather_patches(const PixelView<Pixel>& view, const RowBlock& block, T* a, int64_t lda) {
+  const int64_t patch = view.patch, k_size = view.channels * patch * patch;
+  for (int64_t row = 0; row < block.rows; ++row) {
+    T* dst = a + row * lda;
+    for (int64_t c = 0; c < view.channels; ++c) {
+      for (int64_t u = 0; u < patch; ++u) {
+        load_patch_row(view.patch_row(block.image, block.first + row, c, u), view.stride_col,
+                       view.scale[c], view.shift[c], patch, dst + (c * patch + u) * patch, 1);
+      }
+    }
+    std::fill(dst + k_size, dst + lda, from_float<T>(0.f));
+  }
+}
+
+// A block of the weight gradient, transposed and restricted to the patch rows (c, u) = unit in
+// [unit_begin, unit_end): a[(unit - unit_begin) * P + v][row] = X[b, first + row, unit * P + v];
+// rows from block.rows to lda are 0.
+template <typename Pixel, typename T>
+void gather_patches_t(const PixelView<Pixel>& view, const RowBlock& block, int64_t unit_begin,
+                      int64_t unit_end, T* a, int64_t lda) {
+  const int64_t patch = view.patch;
+  for (int64_t row = 0; row < block.rows; ++row) {
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t c = unit / patch, u = unit % patch;
+      load_patch_row(view.patch_row(block.image, block.first + row, c, u), view.stride_col,
+                     view.scale[c], view.shift[c], patch,
+                     a + (unit - unit_begin) * patch * lda + row, lda);
+    }
+  }
+  if (block.rows < lda) {
+    for (int64_t k = 0; k < (unit_end - unit_begin) * patch; ++k) {
+      std::fill(a + k * lda + block.rows, a + (k + 1) * lda, from_float<T>(0.f));
+    }
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+// out[row][j] = c[row][j] + bias[j] + pos[row][j] for a tile of rows x cols (pointers at the tile).
+template <typename Out>
+void store_tile(const float* c, int64_t ldc, int64_t rows, int64_t cols, const Out* bias,
+                const Out* pos, Out* out, int64_t ld) {
+  for (int64_t row = 0; row < rows; ++row) {
+    add_store_row(c + row * ldc, bias, pos != nullptr ? pos + row * ld : nullptr, cols,
+                  out + row * ld);
+  }
+}
+
+template <typename Pixel, typename T, typename Out>
+void forward(const PatchEmbedFwdParams& p) {
+  const int64_t patch = p.patch, dim = p.dim, cols = p.width / patch;
+  const int64_t patches = (p.height / patch) * cols;
+  const int64_t k_size = p.channels * patch * patch;
+  const int64_t k_padded =
+      std::is_same_v<T, float> ? k_size : round_up(k_size, kPatchEmbedBf16KAlign);
+  const int64_t offset = p.cls_token != nullptr ? 1 : 0, tokens = patches + offset;
+  const PixelView<Pixel> view{static_cast<const Pixel*>(p.pixels),
+                              p.pixel_scale,
+                              p.pixel_shift,
+                              p.pixel_stride_batch,
+                              p.pixel_stride_channel,
+                              p.pixel_stride_row,
+                              p.pixel_stride_col,
+                              p.channels,
+                              patch,
+                              cols};
+  const T* weight = static_cast<const T*>(p.weight_packed);
+  const Out* bias = static_cast<const Out*>(p.bias);
+  const Out* cls = static_cast<const Out*>(p.cls_token);
+  const Out* pos = static_cast<const Out*>(p.pos_embed);
+  Out* out = static_cast<Out*>(p.out);
+
+  if (cls != nullptr) {  // out[b, 0] = cls + pos[0]
+    Buffer<float> zeros = make_buffer<float>(dim);
+    std::fill_n(zeros.get(), dim, 0.f);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      add_store_row(zeros.get(), cls, pos, dim, out + b * tokens * dim);
+    }
+  }
+  const std::vector<RowBlock> blocks = row_blocks(p.batch, patches);
+  const int64_t max_rows = blocks.empty() ? 0 : blocks.front().rows;
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    GemmScope<T> scope;
+    Buffer<T> a = make_buffer<T>(max_rows * k_padded);
+    Buffer<float> c = make_buffer<float>(max_rows * kTileN);
+    for (int64_t index = begin; index < end; ++index) {
+      const RowBlock& block = blocks[index];
+      gather_patches(view, block, a.get(), k_padded);
+      const int64_t token = offset + block.first;
+      Out* out_rows = out + (block.image * tokens + token) * dim;
+      const Out* pos_rows = pos != nullptr ? pos + token * dim : nullptr;
+      for (int64_t n0 = 0; n0 < dim; n0 += kTileN) {
+        const int64_t tile = std::min(kTileN, dim - n0);
+        gemm(block.rows, tile, k_padded, k_padded, dim, kTileN, false, a.get(),
+             weight + n0 * kPair<T>, c.get());
+        store_tile(c.get(), kTileN, block.rows, tile, bias != nullptr ? bias + n0 : nullptr,
+                   pos_rows != nullptr ? pos_rows + n0 : nullptr, out_rows + n0, dim);
+      }
+    }
+  });
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+template <typename Out>
+void position_and_bias_gradients(const PatchEmbedBwdParams& p, int64_t tokens) {
+  const Out* grad_out = static_cast<const Out*>(p.grad_out);
+  const int64_t dim = p.dim, offset = p.has_cls ? 1 : 0;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* dst = p.grad_pos + t * dim;
+      std::fill_n(dst, dim, 0.f);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        accumulate_row(grad_out + (b * tokens + t) * dim, dim, dst);
+      }
+    }
+  });
+  // Column chunks of 64 so each thread sums whole columns in token order (deterministic).
+  at::parallel_for(0, ceil_div(dim, 64), 1, [&](int64_t begin, int64_t end) {
+    const int64_t j0 = begin * 64, j1 = std::min(end * 64, dim);
+    std::fill(p.grad_bias + j0, p.grad_bias + j1, 0.f);
+    for (int64_t t = offset; t < tokens; ++t)
+      accumulate_row(p.grad_pos + t * dim + j0, j1 - j0, p.grad_bias + j0);
+  });
+}
+
+// The patch rows of grad_out as bfloat16 VNNI B operands, one [rows_padded / 2][D][2] slab per
+// block (padded rows 0).
+Buffer<BFloat16> pack_grad_rows_vnni(const BFloat16* grad_out, const std::vector<RowBlock>& blocks,
+                                     int64_t slab_rows, int64_t tokens, int64_t offset,
+                                     int64_t dim) {
+  Buffer<BFloat16> packed = make_buffer<BFloat16>(blocks.size() * slab_rows * dim);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const RowBlock& block = blocks[index];
+      const BFloat16* src = grad_out + (block.image * tokens + offset + block.first) * dim;
+      BFloat16* dst = packed.get() + index * slab_rows * dim;
+      for (int64_t row = 0; row < round_up(block.rows, 2); row += 2) {
+        const BFloat16* row0 = src + row * dim;
+        const BFloat16* row1 = row0 + dim;
+        BFloat16* pairs = dst + row * dim;
+        const bool has_second = row + 1 < block.rows;
+        for (int64_t j = 0; j < dim; ++j) {
+          pairs[2 * j] = row0[j];
+          pairs[2 * j + 1] = has_second ? row1[j] : BFloat16(0.f);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+template <typename Pixel, typename T>
+void weight_gradient(const PatchEmbedBwdParams& p, const PixelView<Pixel>& view,
+                     const std::vector<RowBlock>& blocks, int64_t tokens) {
+  const int64_t patch = p.patch, dim = p.dim, offset = p.has_cls ? 1 : 0;
+  const int64_t units = p.channels * patch;  // (c, u) patch rows: P consecutive k each
+  const T* grad_out = static_cast<const T*>(p.grad_out);
+  if (blocks.empty() || units == 0 || dim == 0) {
+    std::fill_n(p.grad_weight_t, units * patch * dim, 0.f);
+    return;
+  }
+  const int64_t slab_rows = round_up(blocks.front().rows, kPair<T>);
+  Buffer<BFloat16> packed;
+  if constexpr (!std::is_same_v<T, float>) {
+    packed = pack_grad_rows_vnni(grad_out, blocks, slab_rows, tokens, offset, dim);
+  }
+  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+    GemmScope<T> scope;
+    const int64_t k_rows = (unit_end - unit_begin) * patch;
+    Buffer<T> a = make_buffer<T>(k_rows * slab_rows);
+    float* c = p.grad_weight_t + unit_begin * patch * dim;
+    for (size_t index = 0; index < blocks.size(); ++index) {
+      const RowBlock& block = blocks[index];
+      gather_patches_t(view, block, unit_begin, unit_end, a.get(), slab_rows);
+      const T* b;
+      if constexpr (std::is_same_v<T, float>) {
+        b = grad_out + (block.image * tokens + offset + block.first) * dim;
+      } else {
+        b = packed.get() + index * slab_rows * dim;
+      }
+      gemm(k_rows, dim, round_up(block.rows, kPair<T>), slab_rows, dim, dim, index > 0, a.get(), b,
+           c);
+    }
+  });
+}
+
+template <typename Pixel, typename T>
+void pixel_gradient(const PatchEmbedBwdParams& p, const std::vector<RowBlock>& blocks,
+                    int64_t tokens) {
+  const int64_t patch = p.patch, dim = p.dim, cols = p.width / patch, channels = p.channels;
+  const int64_t k_size = channels * patch * patch, dim_padded = round_up(dim, kPair<T>);
+  const int64_t offset = p.has_cls ? 1 : 0;
+  const T* grad_out = static_cast<const T*>(p.grad_out);
+  const T* weight = static_cast<const T*>(p.weight_packed);
+  Pixel* grad_pixels = static_cast<Pixel*>(p.grad_pixels);
+  const int64_t plane = p.height * p.width;
+  if (blocks.empty()) return;
+  const int64_t max_rows = blocks.front().rows;
+  // grad_out rows are the A operand as they are, unless they need a zero pad column (odd D with
+  // bfloat16 pairs).
+  const bool copy_rows = dim_padded != dim;
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    GemmScope<T> scope;
+    Buffer<float> c = make_buffer<float>(max_rows * k_size);
+    Buffer<T> a = make_buffer<T>(copy_rows ? max_rows * dim_padded : 0);
+    for (int64_t index = begin; index < end; ++index) {
+      const RowBlock& block = blocks[index];
+      const T* rows = grad_out + (block.image * tokens + offset + block.first) * dim;
+      const T* a_rows;
+      int64_t lda = dim;
+      if (copy_rows) {
+        for (int64_t row = 0; row < block.rows; ++row) {
+          T* dst = a.get() + row * dim_padded;
+          for (int64_t j = 0; j < dim; ++j) dst[j] = from_float<T>(to_float(rows[row * dim + j]));
+          std::fill(dst + dim, dst + dim_padded, from_float<T>(0.f));
+        }
+        a_rows = a.get();
+        lda = dim_padded;
+      } else {
+        a_rows = rows;
+      }
+      gemm(block.rows, k_size, dim_padded, lda, k_size, k_size, false, a_rows, weight, c.get());
+      for (int64_t row = 0; row < block.rows; ++row) {
+        const int64_t i = block.first + row, r = i / cols, s = i % cols;
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          const float scale = p.pixel_scale[ch];
+          for (int64_t u = 0; u < patch; ++u) {
+            const float* src = c.get() + row * k_size + (ch * patch + u) * patch;
+            Pixel* dst = grad_pixels + (block.image * channels + ch) * plane +
+                         (patch * r + u) * p.width + patch * s;
+            scale_shift_row(src, scale, 0.f, patch, dst);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename Pixel, typename T>
+void backward(const PatchEmbedBwdParams& p) {
+  const int64_t patch = p.patch, cols = p.width / patch;
+  const int64_t patches = (p.height / patch) * cols, tokens = patches + (p.has_cls ? 1 : 0);
+  position_and_bias_gradients<T>(p, tokens);
+  const PixelView<Pixel> view{static_cast<const Pixel*>(p.pixels),
+                              p.pixel_scale,
+                              p.pixel_shift,
+                              p.pixel_stride_batch,
+                              p.pixel_stride_channel,
+                              p.pixel_stride_row,
+                              p.pixel_stride_col,
+                              p.channels,
+                              patch,
+                              cols};
+  const std::vector<RowBlock> blocks = row_blocks(p.batch, patches);
+  weight_gradient<Pixel, T>(p, view, blocks, tokens);
+  if (p.grad_pixels != nullptr) {
+    if constexpr (std::is_same_v<Pixel, uint8_t>) {
+      TORCH_CHECK(false, "patch_embed (cpu): uint8 pixels have no gradient");
+    } else {
+      pixel_gradient<Pixel, T>(p, blocks, tokens);
+    }
+  }
+}
+
+// ---- dtype dispatch -----------------------------------------------------------------------------
+
+template <template <typename, typename, typename> class Fn, typename Params>
+void dispatch(const Params& p) {
+  auto with_out = [&](auto pixel_tag, auto compute_tag) {
+    using Pixel = decltype(pixel_tag);
+    using T = decltype(compute_tag);
+    switch (p.out_type) {
+      case PatchEmbedType::kFloat32:
+        if constexpr (std::is_same_v<T, float>) return Fn<Pixel, T, float>::run(p);
+        break;
+      case PatchEmbedType::kBFloat16:
+        return Fn<Pixel, T, BFloat16>::run(p);
+      case PatchEmbedType::kFloat16:
+        if constexpr (std::is_same_v<T, float>) return Fn<Pixel, T, Half>::run(p);
+        break;
+      default:
+        break;
+    }
+    TORCH_CHECK(false, "patch_embed (cpu): unsupported output / compute dtype pair ",
+                static_cast<int>(p.out_type), " / ", static_cast<int>(p.compute_type));
+  };
+  auto with_compute = [&](auto pixel_tag) {
+    if (p.compute_type == PatchEmbedType::kBFloat16) return with_out(pixel_tag, BFloat16{});
+    TORCH_CHECK(p.compute_type == PatchEmbedType::kFloat32,
+                "patch_embed (cpu): compute dtype must be float32 or bfloat16");
+    return with_out(pixel_tag, float{});
+  };
+  switch (p.pixel_type) {
+    case PatchEmbedType::kUInt8:
+      return with_compute(uint8_t{});
+    case PatchEmbedType::kFloat32:
+      return with_compute(float{});
+    case PatchEmbedType::kBFloat16:
+      return with_compute(BFloat16{});
+    case PatchEmbedType::kFloat16:
+      return with_compute(Half{});
+    case PatchEmbedType::kFloat64:
+      return with_compute(double{});
+  }
+  TORCH_CHECK(false, "patch_embed (cpu): unsupported pixel dtype ", static_cast<int>(p.pixel_type));
+}
+
+template <typename Pixel, typename T, typename Out>
+struct Forward {
+  static void run(const PatchEmbedFwdParams& p) { forward<Pixel, T, Out>(p); }
+};
+// The backward reads grad_out as its GEMM operands: the glue passes it in the compute dtype.
+template <typename Pixel, typename T, typename Out>
+struct Backward {
+  static void run(const PatchEmbedBwdParams& p) {
+    if constexpr (std::is_same_v<T, Out>) {
+      backward<Pixel, T>(p);
+    } else {
+      TORCH_CHECK(false, "patch_embed (cpu): the backward takes grad_out in the compute dtype");
+    }
+  }
+};
+
+}  // namespace
+
+void patch_embed_fwd(const PatchEmbedFwdParams& params) { dispatch<Forward>(params); }
+void patch_embed_bwd(const PatchEmbedBwdParams& params) { dispatch<Backward>(params); }
+
+}  // namespace cpu
+}  // namespace vlmk
+
+#if VLMK_PE_AVX512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif

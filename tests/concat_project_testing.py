@@ -132,7 +132,8 @@ def check_case(forward, backward, features, weight, bias):
 
 
 # (lead, widths, N, dtype, strided, bias): 1, 2, 6 and 8 sources (and 10: two chunks of a Triton
-# launch), unequal widths (odd ones, a width under and over every BLOCK_K), leading shapes [T] and
+# launch), unequal widths (odd ones: the CPU brgemm path's last-column update; a width under and
+# over every BLOCK_K), leading shapes [T] and
 # [B, I, T, N], every dtype, strided sources, with and without bias.
 CASES = [
     ((37,), (48,), 40, F32, False, True),
@@ -140,6 +141,7 @@ CASES = [
     ((2, 1, 3, 4), (16, 8, 24, 16, 16, 40), 24, F32, True, True),
     ((2, 2, 3, 3), (16, 32, 16, 16, 16, 16), 48, BF16, True, False),
     ((29,), (5, 16, 70, 3, 9, 33, 1, 12), 20, F16, False, True),
+    ((2, 13), (5, 16, 70, 3, 9, 33, 1, 12), 20, BF16, True, True),
     ((3, 11), (8, 16, 8, 24, 8, 16, 8, 40), 65, F32, True, True),
     ((21,), (8, 12, 4, 16, 20, 8, 4, 12, 24, 6), 36, F32, False, True),
     ((1, 2, 2, 3), (8,) * 10, 24, BF16, True, True),

@@ -41,9 +41,9 @@ def test_forward_and_backward_match_reference(case):
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
 def test_tile_edges(dtype):
-    """1100 rows x 700 outputs: the 16-bit forward's 512 x 512 float32 tile runs full, and partial
-    along both axes; 17 sources (the Triton backend's chunking does not apply here)."""
-    check(*make_inputs((1100,), (8, 24) * 8 + (40,), 700, dtype))
+    """1100 rows x 700 outputs: the 16-bit forward's 256-feature panels and 1024-row float32 tiles
+    run full and partial (and its 32-row brgemm blocks); 17 sources of odd and even widths."""
+    check(*make_inputs((1100,), (7, 24) * 8 + (41,), 700, dtype))
 
 
 def test_empty_sizes():

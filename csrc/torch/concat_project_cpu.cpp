@@ -130,14 +130,17 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
   if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
 
   at::parallel_for(0, panels * row_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> packed(packed_words);
-    std::vector<float> tile(kSuperRows * kPanel);
+    // Scratch from ATen's allocator, so that memory profiles count it.
+    const at::Tensor packed_buffer = at::empty({packed_words}, at::kInt);
+    const at::Tensor tile_buffer = at::empty({kSuperRows * kPanel}, at::kFloat);
+    uint32_t* packed = reinterpret_cast<uint32_t*>(packed_buffer.data_ptr<int32_t>());
+    float* tile = tile_buffer.data_ptr<float>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task / row_groups * kPanel;
       const int64_t n = std::min(kPanel, cols - n0);
       const int64_t row_begin = task % row_groups * group_rows;
       const int64_t row_end = std::min(rows, row_begin + group_rows);
-      uint32_t* dst = packed.data();
+      uint32_t* dst = packed;
       for (const auto& src : sources) {
         for (int64_t j = 0; j < n; ++j) {
           const T* row = w + (n0 + j) * ldw + src.column;
@@ -148,33 +151,33 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
       for (int64_t s0 = row_begin; s0 < row_end; s0 += kSuperRows) {
         const int64_t rows_here = std::min(kSuperRows, row_end - s0);
         bool accumulate = false;
-        const uint32_t* b = packed.data();
+        const uint32_t* b = packed;
         for (const auto& src : sources) {
           const int64_t even = src.width / 2 * 2;
           for (int64_t r0 = 0; even > 0 && r0 < rows_here; r0 += kBlockRows) {
             at::native::cpublas::brgemm(std::min(kBlockRows, rows_here - r0), n, even,
                                         src.row_stride, kPanel, kPanel, accumulate,
                                         src.data + (s0 + r0) * src.row_stride,
-                                        reinterpret_cast<const T*>(b), tile.data() + r0 * kPanel,
+                                        reinterpret_cast<const T*>(b), tile + r0 * kPanel,
                                         /*is_vnni=*/true);
           }
           accumulate = accumulate || even > 0;
           b += even / 2 * kPanel;
         }
-        if (!accumulate) std::fill(tile.begin(), tile.end(), 0.0f);
+        if (!accumulate) std::fill(tile, tile + kSuperRows * kPanel, 0.0f);
         for (const auto& src : sources) {
           if (src.width % 2 == 0) continue;
           const int64_t k = src.width - 1;  // the last column of an odd width
           for (int64_t r = 0; r < rows_here; ++r) {
             const float x = static_cast<float>(src.data[(s0 + r) * src.row_stride + k]);
-            float* acc = tile.data() + r * kPanel;
+            float* acc = tile + r * kPanel;
             for (int64_t j = 0; j < n; ++j) {
               acc[j] += x * static_cast<float>(w[(n0 + j) * ldw + src.column + k]);
             }
           }
         }
         for (int64_t r = 0; r < rows_here; ++r) {
-          float* acc = tile.data() + r * kPanel;
+          float* acc = tile + r * kPanel;
           const float* bias_row = bias_f.data() + n0;
           for (int64_t j = 0; j < n; ++j) acc[j] += bias_row[j];  // vectorized by the compiler
           at::vec::convert(acc, out + (s0 + r) * cols + n0, n);

@@ -40,6 +40,25 @@ SHAPES = {
         source="LLaVA-1.5 projector input: penultimate CLIP ViT-L/14-336 layer, 576 patch tokens, "
         "first Linear(1024, 4096); B=8 images",
     ),
+    # The shapes. mllama-projector: the mllama-11b GEMM with the tokens flattened (6 sources
+    # of [6404, 1280], 6404 = 4 tiles x 1601 tokens). llava-2layer: two CLIP ViT-L/14-336 layers (e.g.
+    # the penultimate and the last, multi-layer LLaVA variants) of the 576 patch tokens of one image,
+    # concatenated and projected to the 4096-wide text model.
+    "mllama-projector": Shape(
+        OP,
+        "mllama-projector",
+        dict(lead=(6404,), dims=(1280,) * 6, N=4096),
+        variants=("default",),
+        source="Mllama projector: 6 sources of [6404, 1280] (final + 5 intermediate layers, one "
+        "image of 4 tiles x 1601 tokens) -> 4096",
+    ),
+    "llava-2layer": Shape(
+        OP,
+        "llava-2layer",
+        dict(lead=(576,), dims=(1024, 1024), N=4096),
+        variants=("default",),
+        source="two CLIP ViT-L/14-336 layers of 576 patch tokens -> Linear(2048, 4096)",
+    ),
     "tiny": Shape(
         OP,
         "tiny",

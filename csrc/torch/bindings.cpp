@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "sim/simt_settings.h"
+#include "torch/concat_project_cpu.h"
 #include "torch/image_text_attention_bwd_gpu.h"
 #include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
@@ -36,6 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_chunk_schedule_cpu", &vlmk::block_chunk_schedule_cpu, "media_mask"_a, "block_q"_a);
   m.def("block_chunk_schedule_cuda_sim", &vlmk::block_chunk_schedule_cuda_sim, "media_mask"_a,
         "block_q"_a);
+  m.def("concat_project_fwd_cpu", &vlmk::concat_project_fwd_cpu, "features"_a, "weight"_a,
+        "bias"_a);
+  m.def("concat_project_bwd_cpu", &vlmk::concat_project_bwd_cpu, "grad_out"_a, "features"_a,
+        "weight"_a);
   m.def("image_text_attention_fwd_cpu", &vlmk::image_text_attention_fwd_cpu, "q"_a, "k"_a, "v"_a,
         "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
   m.def("image_text_attention_bwd_cpu", &vlmk::image_text_attention_bwd_cpu, "grad_out"_a, "q"_a,

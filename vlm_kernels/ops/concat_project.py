@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
@@ -83,7 +84,7 @@ def _check_inputs(features, weight, bias) -> None:
 def concat_project_op(
     features: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    kernel = TABLE.forward_for(weight.device, backend)
+    kernel = TABLE.forward_for(weight.device, backend, weight.dtype)
     return kernel(features, weight, bias)
 
 
@@ -97,7 +98,7 @@ def concat_project_backward_op(
     grad_out: torch.Tensor, features: list[torch.Tensor], weight: torch.Tensor, backend: str
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Returns (grad of each feature, grad_weight, grad_bias)."""
-    kernel = TABLE.backward_for(weight.device, backend)
+    kernel = TABLE.backward_for(weight.device, backend, weight.dtype)
     return kernel(grad_out, features, weight)
 
 
@@ -141,3 +142,32 @@ def _backward_reference(grad_out, features, weight):
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+
+
+def _forward_triton(features, weight, bias):
+    from vlm_kernels.triton.concat_project import concat_project_fwd_triton
+
+    return concat_project_fwd_triton(features, weight, bias)
+
+
+def _backward_triton(grad_out, features, weight):
+    from vlm_kernels.triton.concat_project import concat_project_bwd_triton
+
+    return concat_project_bwd_triton(grad_out, features, weight)
+
+
+def _forward_cpu(features, weight, bias):
+    return _extension()[0].concat_project_fwd_cpu(features, weight, bias)
+
+
+def _backward_cpu(grad_out, features, weight):
+    return _extension()[0].concat_project_bwd_cpu(grad_out, features, weight)
+
+
+TABLE.forward["cpu"] = _forward_cpu
+TABLE.backward["cpu"] = _backward_cpu
+TABLE.forward["triton"] = _forward_triton
+TABLE.backward["triton"] = _backward_triton
+# The C++ and Triton kernels take 16/32-bit floats (weight dtype); float64 stays on the reference.
+for _backend in ("cpu", "triton"):
+    TABLE.dtypes[_backend] = FLOAT_DTYPES

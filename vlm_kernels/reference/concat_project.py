@@ -31,8 +31,9 @@ def concat_project_backward_reference(
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(grad of each feature, grad_weight, grad_bias) for the output cotangent ``grad_out [..., N]``."""
     dtype = compute_dtype(weight, *features)
-    grad = grad_out.to(dtype).reshape(-1, weight.shape[0])
-    x = torch.cat([f.to(dtype) for f in features], dim=-1).reshape(-1, weight.shape[1])
+    rows = grad_out.shape[:-1].numel()  # not reshape(-1, ...): ambiguous when N or K is 0
+    grad = grad_out.to(dtype).reshape(rows, weight.shape[0])
+    x = torch.cat([f.to(dtype) for f in features], dim=-1).reshape(rows, weight.shape[1])
     grad_x = grad @ weight.to(dtype)
     grad_features = []
     start = 0

@@ -43,13 +43,13 @@ kernel runs the first config of its list, ``force_triton_config(name, i)`` anoth
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 import triton
 import triton.language as tl
 
+from vlm_kernels.triton._gemm import DOT_PRECISION, gemm_configs, reduction_splits
 from vlm_kernels.triton._launch import declare_configs, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
 
@@ -348,31 +348,23 @@ def _bwd_pos_kernel(
 # ---- configs ----------------------------------------------------------------------------------------------
 
 
-def _gemm_configs(*shapes) -> tuple[triton.Config, ...]:
-    """One config per ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
-    return tuple(
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    )
-
-
 # Per kernel name and input width (2: float16/bfloat16 weights, 4: float32), the config list the
 # launcher autotunes over on a GPU (the first runs under the interpreter); every one is compiled by the
 # compile report for sm_80 and sm_90 at P = 8, 14 and 16 with zero spills.
 _CONFIGS = {
     "patch_embed_fwd": {
-        2: _gemm_configs(
+        2: gemm_configs(
             (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 8, 3)
         ),
-        4: _gemm_configs((32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (64, 32, 32, 4, 2)),
+        4: gemm_configs((32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (64, 32, 32, 4, 2)),
     },
     "patch_embed_bwd_weight": {  # BLOCK_M: rows reduced per step; BLOCK_N x BLOCK_K: the dW tile
-        2: _gemm_configs((32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 64, 64, 8, 3)),
-        4: _gemm_configs((32, 64, 32, 4, 2), (16, 64, 64, 4, 2)),
+        2: gemm_configs((32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 64, 64, 8, 3)),
+        4: gemm_configs((32, 64, 32, 4, 2), (16, 64, 64, 4, 2)),
     },
     "patch_embed_bwd_pixels": {  # BLOCK_N: D reduced per step
-        2: _gemm_configs((64, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3)),
-        4: _gemm_configs((32, 32, 64, 4, 2), (64, 16, 64, 4, 2)),
+        2: gemm_configs((64, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 128, 8, 3)),
+        4: gemm_configs((32, 32, 64, 4, 2), (64, 16, 64, 4, 2)),
     },
     "patch_embed_bwd_pos": {
         width: (triton.Config({"BLOCK_T": 16, "BLOCK_D": 128}, num_warps=4, num_stages=1),)
@@ -380,7 +372,7 @@ _CONFIGS = {
     },
 }
 _MAX_BLOCK_M = 128  # rows_per_split of the dW kernel is a multiple of this (and of every BLOCK_M)
-_PRECISION = {2: "tf32", 4: "tf32x3"}  # tl.dot input_precision (ignored for 16-bit operands)
+_PRECISION = DOT_PRECISION  # tl.dot input_precision per weight width
 
 for _name, _lists in _CONFIGS.items():
     declare_configs(_name, *_lists.values())
@@ -498,17 +490,10 @@ def patch_embed_fwd_triton(pixels, weight, bias, cls_token, pos_embed, pixel_mea
     return out
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _weight_grad_splits(programs: int, patches_total: int, device: torch.device) -> int:
-    """Splits of the B*Np reduction of dW: enough programs for two per SM (a pretend GPU of 2 SMs
-    under the interpreter), each split at least 4 steps of the largest BLOCK_M."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 2
-    wanted = triton.cdiv(2 * sms, programs)
-    return max(1, min(wanted, triton.cdiv(patches_total, 4 * _MAX_BLOCK_M), 64))
+    """Splits of the B*Np reduction of dW: enough programs for two per SM, each split at least 4
+    steps of the largest BLOCK_M."""
+    return reduction_splits(programs, patches_total, 4 * _MAX_BLOCK_M, device)
 
 
 def patch_embed_bwd_triton(

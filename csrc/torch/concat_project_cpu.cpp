@@ -1,0 +1,315 @@
+// concat_project on the CPU, forward and backward, with no concatenated buffer: every product is a
+// GEMM of one source with the weight's column block of that source, read where they lie (a row
+// stride per source, the weight's row stride for a column block). With X_l [M, D_l] and
+// c_l = D_0 + ... + D_{l-1}:
+//
+//   out[M, N]              = sum_l X_l @ W[:, c_l : c_l + D_l]^T + bias
+//   dX_l[M, D_l]           = dY @ W[:, c_l : c_l + D_l]          (one GEMM per source, its own
+//   tensor) dW[:, c_l : c_l + D_l] = dY^T @ X_l                          (in place, into one [N, K]
+//   gradient) dbias                  = sum_m dY[m, :]                       (float32 accumulation)
+//
+// Forward, float32: ATen addmm per source accumulating in place in the output (MKL). Forward,
+// bfloat16 / float16: oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AMX tiles where the CPU
+// has them) accumulating in a small float32 tile per thread, rounded once (forward_brgemm); where
+// the CPU has no brgemm for the dtype, the addmm path in that dtype. Backward: ATen mm_out on
+// views (MKL / oneDNN, float32 accumulation), so each gradient is rounded once. The forward
+// allocates the output, plus per thread one packed weight panel and one float32 tile (16-bit).
+#include "torch/concat_project_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace vlmk {
+namespace {
+
+// One source as a row-major [rows, width] matrix.
+template <typename T>
+struct Source {
+  const T* data;
+  int64_t width;
+  int64_t row_stride;
+  int64_t column;  // its first column in the weight
+};
+
+void check_cpu(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "concat_project (cpu): ", name,
+              " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kHalf,
+              "concat_project (cpu): ", name, " must be float32, bfloat16 or float16, got ",
+              t.scalar_type());
+}
+
+// Checks what the Python op validates (for direct callers of vlm_kernels._C) and returns the
+// sources as [M, D_l] matrices with a unit column stride (views where the leading dims collapse to
+// one row stride; reshape copies the rest).
+std::vector<at::Tensor> flat_sources(const std::vector<at::Tensor>& features,
+                                     const at::Tensor& weight) {
+  TORCH_CHECK(!features.empty(), "concat_project (cpu): features must be a non-empty list");
+  check_cpu("weight", weight);
+  TORCH_CHECK(weight.dim() == 2, "concat_project (cpu): weight must be [N, sum_l D_l], got shape ",
+              weight.sizes());
+  const auto lead = features[0].sizes().slice(0, features[0].dim() - 1);
+  const int64_t rows = c10::multiply_integers(lead);
+  std::vector<at::Tensor> flat;
+  int64_t total = 0;
+  for (size_t i = 0; i < features.size(); ++i) {
+    const at::Tensor& f = features[i];
+    check_cpu("features", f);
+    TORCH_CHECK(f.dim() >= 1 && f.sizes().slice(0, f.dim() - 1) == lead,
+                "concat_project (cpu): features must share their leading shape: features[0] is ",
+                features[0].sizes(), ", features[", i, "] is ", f.sizes());
+    TORCH_CHECK(f.scalar_type() == weight.scalar_type(), "concat_project (cpu): features[", i,
+                "] is ", f.scalar_type(), ", weight is ", weight.scalar_type());
+    at::Tensor f2d = f.reshape({rows, f.size(-1)});
+    if (f2d.size(1) > 1 && f2d.stride(1) != 1) f2d = f2d.contiguous();
+    total += f2d.size(1);
+    flat.push_back(std::move(f2d));
+  }
+  TORCH_CHECK(weight.size(1) == total, "concat_project (cpu): weight must be [N, sum_l D_l] = [N, ",
+              total, "], got ", weight.sizes());
+  return flat;
+}
+
+template <typename T>
+std::vector<Source<T>> sources_of(const std::vector<at::Tensor>& flat) {
+  std::vector<Source<T>> sources;
+  int64_t column = 0;
+  for (const at::Tensor& f : flat) {
+    // A source of one column may have any stride: its row stride is then the only one read.
+    sources.push_back(
+        {f.const_data_ptr<T>(), f.size(1), std::max<int64_t>(f.stride(0), 1), column});
+    column += f.size(1);
+  }
+  return sources;
+}
+
+// Whether the 16-bit forward's brgemm path runs this dtype on this CPU (oneDNN's brgemm ukernel:
+// AVX-512-BF16 / AMX for bfloat16, AVX-512-FP16 / AMX-FP16 for float16).
+bool brgemm_supported(at::ScalarType type) { return at::native::cpublas::could_pack(type); }
+
+inline uint32_t load_word(const void* ptr) {
+  uint32_t word;
+  std::memcpy(&word, ptr, sizeof(word));
+  return word;
+}
+
+// bfloat16 / float16: float32 accumulation through oneDNN's brgemm ukernel, one panel of kPanel
+// output features per task. The task packs the panel's weight once, for every source, as brgemm B
+// operands [D_l, kPanel] in VNNI layout (pairs along D_l: word (i, n) = W[n0 + n, c_l + 2i ..
+// 2i+1], a transpose of 32-bit words). Then, per kSuperRows rows, source after source, brgemm calls
+// of kBlockRows rows accumulate into a float32 [kSuperRows, kPanel] tile (one source's packed B,
+// 640 KiB at D_l = 1280, stays in L2 across the rows); an odd width's last column is a float32
+// rank-1 update. The tile takes the bias and is rounded once into the output. Tasks split the rows
+// too when there are fewer panels than threads (each packs its panel then).
+// Measured at the mllama-projector shape (bf16, 2 threads, medians of 4): panel x block x super
+// rows 256 x 32 x 1024: 353 ms (cat + linear 343 ms); 128 x 32 x 1024: 361; 256 x 32 x 256: 535; 64
+// x 32 with no super block (B from L2, A re-read per 64 features): 467; 128 x 64 likewise: 456.
+constexpr int64_t kPanel = 256;       // output features per task (packed: 3.75 MiB at K = 7680)
+constexpr int64_t kBlockRows = 32;    // rows per brgemm call
+constexpr int64_t kSuperRows = 1024;  // rows of the float32 tile: 1 MiB, a source's B in L2 over it
+
+template <typename T>
+void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t ldw, const T* bias,
+                    int64_t rows, int64_t cols, T* out) {
+  const int64_t panels = (cols + kPanel - 1) / kPanel;
+  const int64_t row_groups =
+      std::min<int64_t>((rows + kBlockRows - 1) / kBlockRows,
+                        std::max<int64_t>(1, (2 * at::get_num_threads() + panels - 1) / panels));
+  const int64_t group_rows =
+      ((rows + row_groups - 1) / row_groups + kBlockRows - 1) / kBlockRows * kBlockRows;
+  int64_t packed_words = 0;  // per panel: sum over sources of floor(D_l / 2) rows of kPanel words
+  for (const auto& src : sources) packed_words += src.width / 2 * kPanel;
+  std::vector<float> bias_f(cols, 0.0f);
+  if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
+
+  at::parallel_for(0, panels * row_groups, 1, [&](int64_t begin, int64_t end) {
+    // Scratch from ATen's allocator, so that memory profiles count it.
+    const at::Tensor packed_buffer = at::empty({packed_words}, at::kInt);
+    const at::Tensor tile_buffer = at::empty({kSuperRows * kPanel}, at::kFloat);
+    uint32_t* packed = reinterpret_cast<uint32_t*>(packed_buffer.data_ptr<int32_t>());
+    float* tile = tile_buffer.data_ptr<float>();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task / row_groups * kPanel;
+      const int64_t n = std::min(kPanel, cols - n0);
+      const int64_t row_begin = task % row_groups * group_rows;
+      const int64_t row_end = std::min(rows, row_begin + group_rows);
+      uint32_t* dst = packed;
+      for (const auto& src : sources) {
+        for (int64_t j = 0; j < n; ++j) {
+          const T* row = w + (n0 + j) * ldw + src.column;
+          for (int64_t i = 0; i < src.width / 2; ++i) dst[i * kPanel + j] = load_word(row + 2 * i);
+        }
+        dst += src.width / 2 * kPanel;
+      }
+      for (int64_t s0 = row_begin; s0 < row_end; s0 += kSuperRows) {
+        const int64_t rows_here = std::min(kSuperRows, row_end - s0);
+        bool accumulate = false;
+        const uint32_t* b = packed;
+        for (const auto& src : sources) {
+          const int64_t even = src.width / 2 * 2;
+          for (int64_t r0 = 0; even > 0 && r0 < rows_here; r0 += kBlockRows) {
+            at::native::cpublas::brgemm(std::min(kBlockRows, rows_here - r0), n, even,
+                                        src.row_stride, kPanel, kPanel, accumulate,
+                                        src.data + (s0 + r0) * src.row_stride,
+                                        reinterpret_cast<const T*>(b), tile + r0 * kPanel,
+                                        /*is_vnni=*/true);
+          }
+          accumulate = accumulate || even > 0;
+          b += even / 2 * kPanel;
+        }
+        if (!accumulate) std::fill(tile, tile + kSuperRows * kPanel, 0.0f);
+        for (const auto& src : sources) {
+          if (src.width % 2 == 0) continue;
+          const int64_t k = src.width - 1;  // the last column of an odd width
+          for (int64_t r = 0; r < rows_here; ++r) {
+            const float x = static_cast<float>(src.data[(s0 + r) * src.row_stride + k]);
+            float* acc = tile + r * kPanel;
+            for (int64_t j = 0; j < n; ++j) {
+              acc[j] += x * static_cast<float>(w[(n0 + j) * ldw + src.column + k]);
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows_here; ++r) {
+          float* acc = tile + r * kPanel;
+          const float* bias_row = bias_f.data() + n0;
+          for (int64_t j = 0; j < n; ++j) acc[j] += bias_row[j];  // vectorized by the compiler
+          at::vec::convert(acc, out + (s0 + r) * cols + n0, n);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  });
+}
+
+// float32 (and a 16-bit dtype on a CPU without its brgemm): one addmm per source into the output,
+// in place (beta = 1) after the first: MKL reads each source and the weight's column block where
+// they lie. float32 accumulates exactly as one GEMM would; 16-bit outputs are rounded after each
+// source (oneDNN accumulates each product in float32).
+void forward_addmm(const std::vector<at::Tensor>& flat, const at::Tensor& weight,
+                   const at::Tensor& bias, at::Tensor& out) {
+  bool first = true;
+  int64_t column = 0;
+  for (const at::Tensor& x : flat) {
+    const int64_t width = x.size(1);
+    if (width > 0) {
+      const at::Tensor w = weight.narrow(1, column, width).t();
+      if (first && bias.defined()) {
+        at::addmm_out(out, bias.unsqueeze(0), x, w);
+      } else if (first) {
+        at::mm_out(out, x, w);
+      } else {
+        out.addmm_(x, w);
+      }
+      first = false;
+    }
+    column += width;
+  }
+  if (first) bias.defined() ? out.copy_(bias.unsqueeze(0).expand_as(out)) : out.zero_();
+}
+
+// Calls f(T{}) for the weight's dtype T (float, BFloat16 or Half).
+template <typename F>
+void dispatch_dtype(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "concat_project (cpu): float32, bfloat16 or float16 only, got ", type);
+  }
+}
+
+}  // namespace
+
+at::Tensor concat_project_fwd_cpu(const std::vector<at::Tensor>& features, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias) {
+  const std::vector<at::Tensor> flat = flat_sources(features, weight);
+  const int64_t rows = flat[0].size(0);
+  const int64_t cols = weight.size(0);
+  std::vector<int64_t> shape(features[0].sizes().begin(), features[0].sizes().end() - 1);
+  shape.push_back(cols);
+  at::Tensor out = at::empty({rows, cols}, weight.options());
+  if (out.numel() == 0) return out.view(shape);
+  at::Tensor b;
+  if (bias.has_value()) {
+    check_cpu("bias", *bias);
+    TORCH_CHECK(
+        bias->dim() == 1 && bias->size(0) == cols && bias->scalar_type() == weight.scalar_type(),
+        "concat_project (cpu): bias must be [N] = [", cols, "] of weight's dtype, got ",
+        bias->sizes(), " ", bias->scalar_type());
+    b = bias->contiguous();
+  }
+  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+  const int64_t ldw = std::max<int64_t>(w.stride(0), 1);
+  const at::ScalarType type = weight.scalar_type();
+  if (type == at::kFloat || !brgemm_supported(type)) {
+    forward_addmm(flat, w, b, out);
+    return out.view(shape);
+  }
+  dispatch_dtype(type, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      forward_brgemm(sources_of<T>(flat), w.const_data_ptr<T>(), ldw,
+                     b.defined() ? b.const_data_ptr<T>() : nullptr, rows, cols,
+                     out.mutable_data_ptr<T>());
+    }
+  });
+  return out.view(shape);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_bwd_cpu(
+    const at::Tensor& grad_out, const std::vector<at::Tensor>& features, const at::Tensor& weight) {
+  const std::vector<at::Tensor> flat = flat_sources(features, weight);
+  const int64_t rows = flat[0].size(0);
+  const int64_t cols = weight.size(0);
+  const int64_t total = weight.size(1);
+  check_cpu("grad_out", grad_out);
+  TORCH_CHECK(
+      grad_out.numel() == rows * cols && grad_out.size(-1) == cols,
+      "concat_project (cpu): grad_out must be [..., N] with the features' leading shape and "
+      "N = ",
+      cols, ", got ", grad_out.sizes());
+  at::Tensor grad = grad_out.to(weight.scalar_type()).reshape({rows, cols});
+  if (grad.stride(1) != 1) grad = grad.contiguous();
+  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+
+  std::vector<at::Tensor> grad_features;
+  for (const at::Tensor& f : features)
+    grad_features.push_back(at::empty(f.sizes(), weight.options()));
+  at::Tensor grad_weight = at::empty({cols, total}, weight.options());
+  if (rows == 0 || cols == 0) {
+    for (at::Tensor& g : grad_features) g.zero_();
+    grad_weight.zero_();
+    return {grad_features, grad_weight, at::zeros({cols}, weight.options())};
+  }
+  // The bias gradient: column sums of dY, accumulated in float32.
+  at::Tensor grad_bias = grad.sum(0, /*keepdim=*/false, at::kFloat).to(weight.scalar_type());
+
+  int64_t column = 0;
+  for (size_t l = 0; l < flat.size(); ++l) {
+    const int64_t width = flat[l].size(1);
+    if (width > 0) {
+      const at::Tensor w_l = w.narrow(1, column, width);  // [N, D_l], row stride K
+      // dX_l [M, D_l] = dY [M, N] @ W[:, c_l : c_l + D_l], straight into the feature's gradient.
+      at::Tensor grad_x = grad_features[l].view({rows, width});
+      at::mm_out(grad_x, grad, w_l);
+      // dW[:, c_l : c_l + D_l] = dY^T @ X_l, in place in its column block of dW.
+      at::Tensor grad_w_l = grad_weight.narrow(1, column, width);
+      at::mm_out(grad_w_l, grad.t(), flat[l]);
+    }
+    column += width;
+  }
+  return {grad_features, grad_weight, grad_bias};
+}
+
+}  // namespace vlmk

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
@@ -83,7 +84,7 @@ def _check_inputs(features, weight, bias) -> None:
 def concat_project_op(
     features: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    kernel = TABLE.forward_for(weight.device, backend)
+    kernel = TABLE.forward_for(weight.device, backend, weight.dtype)
     return kernel(features, weight, bias)
 
 
@@ -97,7 +98,7 @@ def concat_project_backward_op(
     grad_out: torch.Tensor, features: list[torch.Tensor], weight: torch.Tensor, backend: str
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Returns (grad of each feature, grad_weight, grad_bias)."""
-    kernel = TABLE.backward_for(weight.device, backend)
+    kernel = TABLE.backward_for(weight.device, backend, weight.dtype)
     return kernel(grad_out, features, weight)
 
 
@@ -141,3 +142,37 @@ def _backward_reference(grad_out, features, weight):
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+
+
+def _compiled_forward(function_name: str):
+    """A forward kernel of vlm_kernels._C (the CUDA kernels: cuda, or cuda_sim through the emulator)."""
+
+    def kernel(features, weight, bias):
+        return getattr(_extension()[0], function_name)(list(features), weight, bias)
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+def _compiled_backward(function_name: str):
+    """A backward kernel of vlm_kernels._C: (grad of each feature, grad_weight, grad_bias)."""
+
+    def kernel(grad_out, features, weight):
+        grad_features, grad_weight, grad_bias = getattr(_extension()[0], function_name)(
+            grad_out, list(features), weight
+        )
+        return list(grad_features), grad_weight, grad_bias
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+# CUDA: one tensor-core GEMM whose K loop walks the sources' pointers (8 per launch, more in
+# chunks), float32 as 3xTF32; backward on tensor cores with a deterministic split-T weight
+# gradient. csrc/cuda/concat_project.cu.
+TABLE.forward["cuda"] = _compiled_forward("concat_project_fwd_cuda")
+TABLE.forward["cuda_sim"] = _compiled_forward("concat_project_fwd_cuda_sim")
+TABLE.backward["cuda"] = _compiled_backward("concat_project_bwd_cuda")
+TABLE.backward["cuda_sim"] = _compiled_backward("concat_project_bwd_cuda_sim")
+TABLE.dtypes["cuda"] = FLOAT_DTYPES  # float64: the reference
+TABLE.dtypes["cuda_sim"] = FLOAT_DTYPES

@@ -4,6 +4,7 @@
 
 #include "sim/simt_settings.h"
 #include "torch/concat_project_cpu.h"
+#include "torch/concat_project_gpu.h"
 #include "torch/image_text_attention_bwd_gpu.h"
 #include "torch/image_text_attention_cpu.h"
 #include "torch/image_text_attention_gpu.h"
@@ -29,6 +30,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);
   m.def("patch_embed_bwd_cuda", &vlmk::patch_embed_bwd_cuda, "grad_out"_a, "pixels"_a, "weight"_a,
         "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
+  m.def("concat_project_fwd_cuda", &vlmk::concat_project_fwd_cuda, "features"_a, "weight"_a,
+        "bias"_a);
+  m.def("concat_project_bwd_cuda", &vlmk::concat_project_bwd_cuda, "grad_out"_a, "features"_a,
+        "weight"_a);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
@@ -60,6 +65,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bias"_a, "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);
   m.def("patch_embed_bwd_cuda_sim", &vlmk::patch_embed_bwd_cuda_sim, "grad_out"_a, "pixels"_a,
         "weight"_a, "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
+  m.def("concat_project_fwd_cuda_sim", &vlmk::concat_project_fwd_cuda_sim, "features"_a, "weight"_a,
+        "bias"_a);
+  m.def("concat_project_bwd_cuda_sim", &vlmk::concat_project_bwd_cuda_sim, "grad_out"_a,
+        "features"_a, "weight"_a);
   // The SIMT emulator's settings for the cuda_sim launches that follow (the SIMT_* environment
   // variables are read once per process). Arguments left None keep their value; returns the
   // previous settings as a dict, which can be passed back to restore them.

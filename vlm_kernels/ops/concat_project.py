@@ -171,3 +171,37 @@ TABLE.backward["triton"] = _backward_triton
 # The C++ and Triton kernels take 16/32-bit floats (weight dtype); float64 stays on the reference.
 for _backend in ("cpu", "triton"):
     TABLE.dtypes[_backend] = FLOAT_DTYPES
+
+
+def _compiled_forward(function_name: str):
+    """A forward kernel of vlm_kernels._C (the CUDA kernels: cuda, or cuda_sim through the emulator)."""
+
+    def kernel(features, weight, bias):
+        return getattr(_extension()[0], function_name)(list(features), weight, bias)
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+def _compiled_backward(function_name: str):
+    """A backward kernel of vlm_kernels._C: (grad of each feature, grad_weight, grad_bias)."""
+
+    def kernel(grad_out, features, weight):
+        grad_features, grad_weight, grad_bias = getattr(_extension()[0], function_name)(
+            grad_out, list(features), weight
+        )
+        return list(grad_features), grad_weight, grad_bias
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+# CUDA: one tensor-core GEMM whose K loop walks the sources' pointers (8 per launch, more in
+# chunks), float32 as 3xTF32; backward on tensor cores with a deterministic split-T weight
+# gradient. csrc/cuda/concat_project.cu.
+TABLE.forward["cuda"] = _compiled_forward("concat_project_fwd_cuda")
+TABLE.forward["cuda_sim"] = _compiled_forward("concat_project_fwd_cuda_sim")
+TABLE.backward["cuda"] = _compiled_backward("concat_project_bwd_cuda")
+TABLE.backward["cuda_sim"] = _compiled_backward("concat_project_bwd_cuda_sim")
+TABLE.dtypes["cuda"] = FLOAT_DTYPES  # float64: the reference
+TABLE.dtypes["cuda_sim"] = FLOAT_DTYPES

@@ -23,6 +23,7 @@ from tests.attention_testing import (
 )
 from tests.devices import ON_CUDA
 from vlm_kernels import _C
+from vlm_kernels.ops.image_text_attention import CPU_EMPTY_ROW_CODES
 from vlm_kernels.reference.image_text_attention import image_text_attention_reference
 
 if ON_CUDA:
@@ -49,17 +50,26 @@ def poisoned_allocations():
 
 
 def forward(q, k, v, media_mask, media_len, scale, empty_rows):
-    """The kernel-table forward (empty_rows as the kernel's ``uniform`` flag)."""
+    """The kernel-table forward (empty_rows as the kernel's mode code)."""
     with poisoned_allocations():
         return KERNELS.image_text_attention_fwd_cpu(
-            q, k, v, media_mask, media_len, scale, empty_rows == "uniform"
+            q, k, v, media_mask, media_len, scale, CPU_EMPTY_ROW_CODES[empty_rows]
         )
 
 
 def backward(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
     with poisoned_allocations():
         return KERNELS.image_text_attention_bwd_cpu(
-            grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows == "uniform"
+            grad_out,
+            q,
+            k,
+            v,
+            media_mask,
+            out,
+            lse,
+            media_len,
+            scale,
+            CPU_EMPTY_ROW_CODES[empty_rows],
         )
 
 
@@ -296,7 +306,7 @@ def test_rejects_bad_inputs(change, message):
     inputs = _valid_inputs() | change
     with pytest.raises(RuntimeError, match=message):
         KERNELS.image_text_attention_fwd_cpu(
-            inputs["q"], inputs["k"], inputs["v"], inputs["media_mask"], 3, 0.25, False
+            inputs["q"], inputs["k"], inputs["v"], inputs["media_mask"], 3, 0.25, 0
         )
 
 
@@ -304,16 +314,16 @@ def test_rejects_bad_scale_and_lse():
     inputs = _valid_inputs()
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["media_mask"], 3)
     with pytest.raises(RuntimeError, match="scale must be finite"):
-        KERNELS.image_text_attention_fwd_cpu(*args, float("inf"), False)
-    out, lse = KERNELS.image_text_attention_fwd_cpu(*args, 0.25, False)
+        KERNELS.image_text_attention_fwd_cpu(*args, float("inf"), 0)
+    out, lse = KERNELS.image_text_attention_fwd_cpu(*args, 0.25, 0)
     q, k, v, mask = args[:4]
     with pytest.raises(RuntimeError, match="lse must be a float32"):
         KERNELS.image_text_attention_bwd_cpu(
-            torch.randn_like(out), q, k, v, mask, out, lse.double(), 3, 0.25, False
+            torch.randn_like(out), q, k, v, mask, out, lse.double(), 3, 0.25, 0
         )
     with pytest.raises(RuntimeError, match="grad_out"):
         KERNELS.image_text_attention_bwd_cpu(
-            torch.randn(1, 5, 4, 8), q, k, v, mask, out, lse, 3, 0.25, False
+            torch.randn(1, 5, 4, 8), q, k, v, mask, out, lse, 3, 0.25, 0
         )
 
 

@@ -642,7 +642,7 @@ class Forward {
   void run() {
     visible_ = effective_visibility(p_.media_mask, p_.mask_stride_batch, p_.mask_stride_query,
                                     p_.mask_stride_chunk, p_.batch, p_.query_len, p_.num_chunks,
-                                    p_.uniform);
+                                    p_.empty_rows == EmptyRows::kUniform);
     if (prepack_) pack_keys_values();
     const int64_t num_tasks = p_.batch * p_.heads_kv * num_blocks_ * splits_;
     if (splits_ > 1) {
@@ -982,7 +982,7 @@ class Backward {
   void run() {
     visible_ = effective_visibility(p_.media_mask, p_.mask_stride_batch, p_.mask_stride_query,
                                     p_.mask_stride_chunk, p_.batch, p_.query_len, p_.num_chunks,
-                                    p_.uniform);
+                                    p_.empty_rows == EmptyRows::kUniform);
     if (splits_ > 1) {
       const int64_t dq_elems = p_.batch * p_.query_len * p_.heads_q * p_.head_dim;
       dq_acc_ = make_buffer<float>(splits_ * dq_elems);
@@ -1320,6 +1320,103 @@ class Backward {
   Buffer<float> dq_acc_;
 };
 
+// ---- empty_rows = "mean"
+// -------------------------------------------------------------------------- A "mean" row's scores
+// are all equal, so its softmax is uniform over the Lk keys whatever q and k are: its output is the
+// mean of the values of its kv head and its gradient reaches v only. The attention kernels run such
+// rows as "zero" rows (no visible key: out 0, dq 0, nothing to dk/dv); these passes then write the
+// mean rows and add their dv term, per (batch, kv head), in float32.
+
+// Whether row t of batch b sees no chunk (read from the caller's mask, not the effective one).
+template <typename Params>
+bool row_is_empty(const Params& p, int64_t b, int64_t t) {
+  const uint8_t* row = p.media_mask + b * p.mask_stride_batch + t * p.mask_stride_query;
+  for (int64_t c = 0; c < p.num_chunks; ++c) {
+    if (row[c * p.mask_stride_chunk] != 0) return false;
+  }
+  return true;
+}
+
+// [B][Lq] 1 where the row sees no chunk; returns whether any row does.
+template <typename Params>
+bool empty_rows_of(const Params& p, std::vector<uint8_t>& empty) {
+  empty.assign(static_cast<size_t>(p.batch * p.query_len), 0);
+  std::atomic<bool> any{false};
+  at::parallel_for(0, p.batch * p.query_len, 1024, [&](int64_t begin, int64_t end) {
+    bool found = false;
+    for (int64_t row = begin; row < end; ++row) {
+      empty[row] = row_is_empty(p, row / p.query_len, row % p.query_len);
+      found |= empty[row] != 0;
+    }
+    if (found) any.store(true, std::memory_order_relaxed);
+  });
+  return any.load();
+}
+
+// out[b, t, h] = mean_j v[b, j, h / group] and lse[b, h, t] = log(Lk) on the empty rows.
+template <typename T>
+void write_mean_rows(const ImageTextAttentionFwdParams& p) {
+  std::vector<uint8_t> empty;
+  if (!empty_rows_of(p, empty)) return;
+  const int64_t dh = p.head_dim, keys = p.num_chunks * p.media_len, group = p.heads_q / p.heads_kv;
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  const float lse_value = std::log(static_cast<float>(keys));
+  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mean(dh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
+      std::fill(mean.begin(), mean.end(), 0.f);
+      const T* v_head = v + b * p.v_stride_batch + hk * p.v_stride_head;
+      for (int64_t j = 0; j < keys; ++j) {
+        const T* row = v_head + j * p.v_stride_token;
+        for (int64_t d = 0; d < dh; ++d) mean[d] += static_cast<float>(row[d]);
+      }
+      for (int64_t d = 0; d < dh; ++d) mean[d] /= static_cast<float>(keys);
+      for (int64_t t = 0; t < p.query_len; ++t) {
+        if (!empty[b * p.query_len + t]) continue;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          T* dst = out + ((b * p.query_len + t) * p.heads_q + h) * dh;
+          for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<T>(mean[d]);
+          p.lse[(b * p.heads_q + h) * p.query_len + t] = lse_value;
+        }
+      }
+    }
+  });
+}
+
+// dv[b, j, hk] += (sum of grad_out over the empty rows of the query heads of hk) / Lk, every key j.
+template <typename T>
+void add_mean_rows_grad(const ImageTextAttentionBwdParams& p) {
+  std::vector<uint8_t> empty;
+  if (!empty_rows_of(p, empty)) return;
+  const int64_t dh = p.head_dim, keys = p.num_chunks * p.media_len, group = p.heads_q / p.heads_kv;
+  const T* grad_out = static_cast<const T*>(p.grad_out);
+  T* dv = static_cast<T*>(p.grad_v);
+  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(dh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (int64_t t = 0; t < p.query_len; ++t) {
+        if (!empty[b * p.query_len + t]) continue;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const T* row = grad_out + b * p.grad_out_stride_batch + t * p.grad_out_stride_token +
+                         h * p.grad_out_stride_head;
+          for (int64_t d = 0; d < dh; ++d) sum[d] += static_cast<float>(row[d]);
+        }
+      }
+      for (int64_t d = 0; d < dh; ++d) sum[d] /= static_cast<float>(keys);
+      T* dv_head = dv + (b * keys * p.heads_kv + hk) * dh;  // grad_v is contiguous
+      for (int64_t j = 0; j < keys; ++j) {
+        T* dst = dv_head + j * p.heads_kv * dh;
+        for (int64_t d = 0; d < dh; ++d)
+          dst[d] = static_cast<T>(static_cast<float>(dst[d]) + sum[d]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool image_text_attention_supported() {
@@ -1333,18 +1430,24 @@ bool image_text_attention_supported() {
 }
 
 void image_text_attention_fwd(const ImageTextAttentionFwdParams& params) {
+  const bool mean = params.empty_rows == EmptyRows::kMean;
   if (params.dtype == AttentionDtype::kBFloat16) {
     Forward<BFloat16>(params).run();
+    if (mean) write_mean_rows<BFloat16>(params);
   } else {
     Forward<float>(params).run();
+    if (mean) write_mean_rows<float>(params);
   }
 }
 
 void image_text_attention_bwd(const ImageTextAttentionBwdParams& params) {
+  const bool mean = params.empty_rows == EmptyRows::kMean;
   if (params.dtype == AttentionDtype::kBFloat16) {
     Backward<BFloat16>(params).run();
+    if (mean) add_mean_rows_grad<BFloat16>(params);
   } else {
     Backward<float>(params).run();
+    if (mean) add_mean_rows_grad<float>(params);
   }
 }
 

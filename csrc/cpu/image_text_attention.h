@@ -5,8 +5,7 @@
 //   q [B, Lq, Hq, Dh], k/v [B, Lk, Hkv, Dh] with Hq % Hkv == 0, media_mask [B, Lq, M]
 //   Lk == M * media_len; query t of batch b may attend key j iff media_mask[b, t, j / media_len]
 //   out [B, Lq, Hq, Dh] = softmax(scale q k^T) v over those keys, softmax in float32
-//   lse [B, Hq, Lq]; a row that sees no key gets out = 0, lse = -inf, unless `uniform`: then it
-//   attends to every key (Hugging Face Mllama parity)
+//   lse [B, Hq, Lq]; a row that sees no chunk follows `empty_rows` (EmptyRows below)
 #pragma once
 
 #include <cstdint>
@@ -15,6 +14,14 @@ namespace vlmk {
 
 // Element type of q, k, v, out and the gradients (float16 is converted to float32 by the glue).
 enum class AttentionDtype : int32_t { kFloat32 = 0, kBFloat16 = 1 };
+
+// What a row that sees no chunk computes (values match the Python glue's empty_rows codes).
+enum class EmptyRows : int32_t {
+  kZero = 0,     // out = 0, lse = -inf, no gradient (Meta / torchtune)
+  kUniform = 1,  // attends to every key with its real scores (Hugging Face Mllama)
+  kMean = 2,     // out = mean of all Lk values, lse = log(Lk); gradient to v only: dv[j] += dO / Lk
+                 // (OpenFlamingo's all-previous-media mode fills the row's scores with one value)
+};
 
 struct ImageTextAttentionFwdParams {
   AttentionDtype dtype;
@@ -36,15 +43,15 @@ struct ImageTextAttentionFwdParams {
   int64_t mask_stride_batch;  // media_mask strides, in elements (bytes)
   int64_t mask_stride_query;
   int64_t mask_stride_chunk;
-  int64_t batch;       // B
-  int64_t query_len;   // Lq
-  int64_t heads_q;     // Hq
-  int64_t heads_kv;    // Hkv
-  int64_t head_dim;    // Dh
-  int64_t num_chunks;  // M
-  int64_t media_len;   // keys per chunk; Lk = M * media_len
-  float scale;         // softmax scale applied to q . k
-  bool uniform;        // rows that see no chunk attend to all keys (else: out 0, lse -inf)
+  int64_t batch;         // B
+  int64_t query_len;     // Lq
+  int64_t heads_q;       // Hq
+  int64_t heads_kv;      // Hkv
+  int64_t head_dim;      // Dh
+  int64_t num_chunks;    // M
+  int64_t media_len;     // keys per chunk; Lk = M * media_len
+  float scale;           // softmax scale applied to q . k
+  EmptyRows empty_rows;  // what rows that see no chunk compute
 };
 
 struct ImageTextAttentionBwdParams {
@@ -85,7 +92,7 @@ struct ImageTextAttentionBwdParams {
   int64_t num_chunks;
   int64_t media_len;
   float scale;
-  bool uniform;
+  EmptyRows empty_rows;
 };
 
 namespace cpu {

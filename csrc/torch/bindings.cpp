@@ -47,9 +47,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("concat_project_bwd_cpu", &vlmk::concat_project_bwd_cpu, "grad_out"_a, "features"_a,
         "weight"_a);
   m.def("image_text_attention_fwd_cpu", &vlmk::image_text_attention_fwd_cpu, "q"_a, "k"_a, "v"_a,
-        "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
+        "media_mask"_a, "media_len"_a, "scale"_a, "empty_rows"_a);
   m.def("image_text_attention_bwd_cpu", &vlmk::image_text_attention_bwd_cpu, "grad_out"_a, "q"_a,
-        "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a, "uniform"_a);
+        "k"_a, "v"_a, "media_mask"_a, "out"_a, "lse"_a, "media_len"_a, "scale"_a, "empty_rows"_a);
   m.def("image_text_attention_cpu_supported", &vlmk::image_text_attention_cpu_supported);
   m.def("patch_embed_fwd_cpu", &vlmk::patch_embed_fwd_cpu, "pixels"_a, "weight"_a, "bias"_a,
         "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);

@@ -96,7 +96,7 @@ const uint8_t* mask_data(const at::Tensor& media_mask) {
 template <typename Params>
 void set_shared_fields(Params& p, const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
                        const at::Tensor& media_mask, const Sizes& s, int64_t media_len,
-                       double scale, bool uniform) {
+                       double scale, EmptyRows empty_rows) {
   p.q_stride_batch = qc.stride(0);
   p.q_stride_token = qc.stride(1);
   p.q_stride_head = qc.stride(2);
@@ -117,7 +117,16 @@ void set_shared_fields(Params& p, const at::Tensor& qc, const at::Tensor& kc, co
   p.num_chunks = s.chunks;
   p.media_len = media_len;
   p.scale = static_cast<float>(scale);
-  p.uniform = uniform;
+  p.empty_rows = empty_rows;
+}
+
+// The Python glue's empty_rows code (0 zero, 1 uniform, 2 mean) as the kernels' enum.
+EmptyRows empty_rows_mode(int64_t code) {
+  TORCH_CHECK(code >= 0 && code <= 2,
+              "image_text_attention (cpu): empty_rows must be 0 (zero), 1 (uniform) or 2 (mean), "
+              "got ",
+              code);
+  return static_cast<EmptyRows>(code);
 }
 
 }  // namespace
@@ -126,19 +135,21 @@ bool image_text_attention_cpu_supported() { return cpu::image_text_attention_sup
 
 std::tuple<at::Tensor, at::Tensor> image_text_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& media_mask,
-    int64_t media_len, double scale, bool uniform) {
+    int64_t media_len, double scale, int64_t empty_rows) {
   const Sizes s = check_inputs(q, k, v, media_mask, media_len, scale);
+  const EmptyRows mode = empty_rows_mode(empty_rows);
   at::Tensor out = at::empty({s.batch, s.query_len, s.heads_q, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads_q, s.query_len}, q.options().dtype(at::kFloat));
   if (lse.numel() == 0) return {out, lse};
-  if (s.keys == 0) {  // nothing to attend to, even for uniform rows
+  if (s.keys == 0) {  // nothing to attend to, even for uniform or mean rows
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
   if (s.head_dim == 0) {  // every score is 0: lse = log(#visible keys)
     at::Tensor seen = media_mask.sum(-1);
-    if (uniform) seen = at::where(seen == 0, media_mask.size(2), seen);
+    // Uniform rows see every chunk; mean rows take lse = log(Lk) (their scores count as 0).
+    if (mode != EmptyRows::kZero) seen = at::where(seen == 0, media_mask.size(2), seen);
     lse.copy_(at::log(seen.to(at::kFloat) * static_cast<double>(media_len))
                   .unsqueeze(1)
                   .expand({s.batch, s.heads_q, s.query_len}));
@@ -155,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> image_text_attention_fwd_cpu(
   p.media_mask = mask_data(media_mask);
   p.out = out_c.data_ptr();
   p.lse = lse.data_ptr<float>();
-  set_shared_fields(p, qc, kc, vc, media_mask, s, media_len, scale, uniform);
+  set_shared_fields(p, qc, kc, vc, media_mask, s, media_len, scale, mode);
   cpu::image_text_attention_fwd(p);
   if (!out_c.is_same(out)) out.copy_(out_c);
   return {out, lse};
@@ -164,8 +175,9 @@ std::tuple<at::Tensor, at::Tensor> image_text_attention_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> image_text_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& media_mask, const at::Tensor& out, const at::Tensor& lse, int64_t media_len,
-    double scale, bool uniform) {
+    double scale, int64_t empty_rows) {
   const Sizes s = check_inputs(q, k, v, media_mask, media_len, scale);
+  const EmptyRows mode = empty_rows_mode(empty_rows);
   check_floating("grad_out", grad_out);
   check_floating("out", out);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
@@ -210,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> image_text_attention_bwd_cpu(
   p.out_stride_batch = out_c.stride(0);
   p.out_stride_token = out_c.stride(1);
   p.out_stride_head = out_c.stride(2);
-  set_shared_fields(p, qc, kc, vc, media_mask, s, media_len, scale, uniform);
+  set_shared_fields(p, qc, kc, vc, media_mask, s, media_len, scale, mode);
   cpu::image_text_attention_bwd(p);
   if (runs_as_float32(q)) {
     return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};

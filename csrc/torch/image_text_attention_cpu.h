@@ -11,7 +11,7 @@ namespace vlmk {
 // (out [B, Lq, Hq, Dh] contiguous in q's dtype, lse [B, Hq, Lq] float32 contiguous).
 std::tuple<at::Tensor, at::Tensor> image_text_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& media_mask,
-    int64_t media_len, double scale, bool uniform);
+    int64_t media_len, double scale, int64_t empty_rows);
 
 // Whether this CPU runs the kernels (they are built for AVX-512 on x86-64; elsewhere they raise).
 bool image_text_attention_cpu_supported();
@@ -20,6 +20,6 @@ bool image_text_attention_cpu_supported();
 std::tuple<at::Tensor, at::Tensor, at::Tensor> image_text_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& media_mask, const at::Tensor& out, const at::Tensor& lse, int64_t media_len,
-    double scale, bool uniform);
+    double scale, int64_t empty_rows);
 
 }  // namespace vlmk

@@ -36,6 +36,8 @@ EMPTY_ROW_MODES = ("zero", "uniform", "mean")
 # The modes each backend implements; the others raise (never a silent fallback). "mean" (OpenFlamingo's
 # all-previous-media rule) is the reference's only so far; the kernels come later.
 KERNEL_EMPTY_ROW_MODES = ("zero", "uniform")
+# The C++ CPU kernels' empty_rows codes (enum EmptyRows in csrc/cpu/image_text_attention.h).
+CPU_EMPTY_ROW_CODES = {"zero": 0, "uniform": 1, "mean": 2}
 TABLE = kernel_table("image_text_attention")
 
 
@@ -467,14 +469,23 @@ def _backward_triton(
 def _forward_cpu(q, k, v, media_mask, media_len, scale, empty_rows):
     _check_kernel_mode("cpu", empty_rows)
     return _extension()[0].image_text_attention_fwd_cpu(
-        q, k, v, media_mask, media_len, scale, empty_rows == "uniform"
+        q, k, v, media_mask, media_len, scale, CPU_EMPTY_ROW_CODES[empty_rows]
     )
 
 
 def _backward_cpu(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
     _check_kernel_mode("cpu", empty_rows)
     return _extension()[0].image_text_attention_bwd_cpu(
-        grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows == "uniform"
+        grad_out,
+        q,
+        k,
+        v,
+        media_mask,
+        out,
+        lse,
+        media_len,
+        scale,
+        CPU_EMPTY_ROW_CODES[empty_rows],
     )
 
 

@@ -186,7 +186,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="media_len must be a positive int"):
         vk.MediaSchedule(mask, media_len=0)
     with pytest.raises(ValueError, match="empty_rows must be one of"):
-        vk.MediaSchedule(mask, media_len=2, empty_rows="mean")
+        vk.MediaSchedule(mask, media_len=2, empty_rows="average")
     with pytest.raises((TypeError, ValueError), match="media_mask"):
         vk.MediaSchedule(mask.float(), media_len=2)
     with pytest.raises((TypeError, ValueError), match="media_mask"):

@@ -33,9 +33,9 @@ from vlm_kernels.reference.image_text_attention import (
 )
 
 EMPTY_ROW_MODES = ("zero", "uniform", "mean")
-# The modes each backend implements; the others raise (never a silent fallback). "mean" (OpenFlamingo's
-# all-previous-media rule) is the reference's only so far; the kernels come later.
-KERNEL_EMPTY_ROW_MODES = ("zero", "uniform")
+# The modes the CUDA kernels implement; "mean" (OpenFlamingo's all-previous-media rule) raises there
+# (never a silent fallback). The reference, CPU and Triton backends implement every mode.
+CUDA_EMPTY_ROW_MODES = ("zero", "uniform")
 # The C++ CPU kernels' empty_rows codes (enum EmptyRows in csrc/cpu/image_text_attention.h).
 CPU_EMPTY_ROW_CODES = {"zero": 0, "uniform": 1, "mean": 2}
 TABLE = kernel_table("image_text_attention")
@@ -70,8 +70,8 @@ def image_text_attention(
             rows output the mean of all Lk values, as OpenFlamingo's all-previous-media mode does:
             every score of the row is filled with the same value; gradient to v only). Default "zero"
             with a plain mask; with a schedule it comes from the schedule (if given, it must agree;
-            schedules take "zero" / "uniform"). "mean" runs on the reference backend only for now:
-            ``backend=None`` picks it, any other backend raises a ValueError naming it.
+            a schedule takes every mode). "mean" runs on the reference, cpu and triton backends; the
+            cuda and cuda_sim kernels do not implement it and raise a ValueError naming themselves.
         backend: None/"auto", "reference", "cpu", "triton", "cuda" or "cuda_sim".
         deterministic: True (default): the backward is bitwise reproducible on every backend. False
             lets the Triton backward take its single pass (dk, dv and dq in one kernel, dq added with
@@ -117,10 +117,6 @@ def image_text_attention(
     _check_inputs(q, k, v, media_mask, media_len, scale, empty_rows)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if empty_rows not in KERNEL_EMPTY_ROW_MODES and backend == "auto":
-        # Only the reference implements this mode: auto picks it, as it picks the reference for
-        # float64 (an explicit kernel backend raises in its kernel wrapper below).
-        backend = "reference"
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if schedule is None:
@@ -326,13 +322,13 @@ image_text_attention_op.register_autograd(_backward, setup_context=_setup_contex
 # ---- kernels, one entry per backend -------------------------------------------------------------------
 
 
-def _check_kernel_mode(backend: str, empty_rows: str) -> None:
-    """The kernel backends implement ``KERNEL_EMPTY_ROW_MODES``; another mode raises, naming both."""
-    if empty_rows not in KERNEL_EMPTY_ROW_MODES:
+def _check_cuda_mode(backend: str, empty_rows: str) -> None:
+    """The CUDA kernels implement ``CUDA_EMPTY_ROW_MODES``; another mode raises, naming both."""
+    if empty_rows not in CUDA_EMPTY_ROW_MODES:
         raise ValueError(
             f"image_text_attention: the {backend!r} backend does not implement empty_rows="
-            f"{empty_rows!r} yet (it implements {KERNEL_EMPTY_ROW_MODES}); use backend='reference' "
-            f"or backend=None, which picks the reference for this mode"
+            f"{empty_rows!r} (it implements {CUDA_EMPTY_ROW_MODES}); use backend='triton', 'cpu' "
+            f"or 'reference' for this mode"
         )
 
 
@@ -371,7 +367,7 @@ def _compiled_forward(function_name: str):
     backend = "cuda_sim" if function_name.endswith("cuda_sim") else "cuda"
 
     def kernel(q, k, v, media_mask, media_len, scale, empty_rows):
-        _check_kernel_mode(backend, empty_rows)
+        _check_cuda_mode(backend, empty_rows)
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
@@ -388,7 +384,7 @@ def _compiled_backward(function_name: str):
     backend = "cuda_sim" if function_name.endswith("cuda_sim") else "cuda"
 
     def kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
-        _check_kernel_mode(backend, empty_rows)
+        _check_cuda_mode(backend, empty_rows)
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
@@ -425,7 +421,6 @@ TABLE.backward["cuda_sim"] = _compiled_backward("image_text_attention_bwd_cuda_s
 
 
 def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows, schedule=None):
-    _check_kernel_mode("triton", empty_rows)
     from vlm_kernels.triton.image_text_attention import image_text_attention_fwd_triton
 
     return image_text_attention_fwd_triton(
@@ -447,7 +442,6 @@ def _backward_triton(
     schedule=None,
     deterministic=True,
 ):
-    _check_kernel_mode("triton", empty_rows)
     from vlm_kernels.triton.image_text_attention import image_text_attention_bwd_triton
 
     return image_text_attention_bwd_triton(
@@ -467,14 +461,12 @@ def _backward_triton(
 
 
 def _forward_cpu(q, k, v, media_mask, media_len, scale, empty_rows):
-    _check_kernel_mode("cpu", empty_rows)
     return _extension()[0].image_text_attention_fwd_cpu(
         q, k, v, media_mask, media_len, scale, CPU_EMPTY_ROW_CODES[empty_rows]
     )
 
 
 def _backward_cpu(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
-    _check_kernel_mode("cpu", empty_rows)
     return _extension()[0].image_text_attention_bwd_cpu(
         grad_out,
         q,

@@ -7,7 +7,8 @@ uses the mask.
 
 What it holds (FlexAttention's BlockMask plays the same part):
 - ``media_mask``: the validated mask [B, Lq, M] bool, and ``kernel_mask``: the mask the kernels read
-  (with ``empty_rows="uniform"`` a row that sees no chunk sees every chunk; the same tensor otherwise);
+  (with ``empty_rows="uniform"`` a row that sees no chunk sees every chunk; the same tensor otherwise:
+  "mean" rows see no key in the kernels, which then write their mean output apart);
 - ``media_len`` and ``empty_rows``;
 - per query-block size, the forward chunk schedule ``(chunk_count [B, nQB], chunk_ids [B, nQB, M])``
   (``block_chunk_schedule``); a block of at least Lq rows is the decode schedule, built with a few
@@ -41,7 +42,7 @@ import torch
 from vlm_kernels._checks import check_tensor
 from vlm_kernels.ops.block_chunk_schedule import block_chunk_schedule_op
 
-EMPTY_ROW_MODES = ("zero", "uniform")
+EMPTY_ROW_MODES = ("zero", "uniform", "mean")
 
 
 def effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
@@ -84,7 +85,7 @@ class MediaSchedule:
     Args:
         media_mask: [B, Lq, M] bool, True where text token t may attend to media chunk m.
         media_len: tokens per media chunk (the keys of a call must number ``M * media_len``).
-        empty_rows: "zero" or "uniform", as in ``image_text_attention``.
+        empty_rows: "zero", "uniform" or "mean", as in ``image_text_attention``.
 
     Build it once per mask (per model forward, or per decode step) and pass it in place of the mask to
     every layer; a new mask needs a new schedule (the object does not watch its mask for changes).

@@ -9,7 +9,12 @@ media_mask [B, Lq, M] bool (any strides), Lk == M * media_len (chunk m = keys [m
     lse[b, h, t] = log sum_{visible j} exp(scale * q . k)      float32, -inf on rows that see nothing
 Rows that see nothing: out = 0, lse = -inf, zero gradients (empty_rows="zero"); with
 empty_rows="uniform" such a row sees every chunk (the launchers OR ``~media_mask.any(-1)`` into the mask
-on the host, the Hugging Face Mllama behaviour), so the kernels themselves know one rule only.
+on the host, the Hugging Face Mllama behaviour), so the kernels themselves know one rule only. With
+empty_rows="mean" (OpenFlamingo's all-previous-media mode: the row's scores are all equal, so its
+softmax is uniform whatever q and k are) the kernels run such rows as "zero" rows, then device torch
+ops (no host sync: the decode path stays graph-capturable) write their output, mean_j v[b, j], and
+lse = log(Lk) in the forward, and add their only gradient, dv[b, j] += sum of their dO / Lk, to dv in
+the backward (``_write_mean_rows``, ``_add_mean_rows_grad``).
 
 Chunk skipping. ``block_chunk_schedule_triton(media_mask, BLOCK_M)`` (or a ``vk.MediaSchedule``'s
 cached copy, passed in by the op) lists, per block of BLOCK_M query
@@ -57,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +74,7 @@ from vlm_kernels.triton._launch import declare_configs, forced_config, interpret
 from vlm_kernels.triton.aot import register_aot
 from vlm_kernels.triton.block_chunk_schedule import block_chunk_schedule_triton
 
-EMPTY_ROW_MODES = ("zero", "uniform")
+EMPTY_ROW_MODES = ("zero", "uniform", "mean")
 MAX_HEAD_DIM = 128  # the largest head dim the registered (spill-checked) configs cover
 DECODE_MAX_QUERY_LEN = 16  # the forward takes the split-KV decode path at or below this Lq
 LOG2E = 1.4426950408889634
@@ -1085,7 +1091,30 @@ def image_text_attention_fwd_triton(
         return out.zero_(), lse.fill_(float("-inf"))
     path = _decode_forward if query_len <= DECODE_MAX_QUERY_LEN else _prefill_forward
     path(q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=schedule)
+    if empty_rows == "mean":
+        _write_mean_rows(v, media_mask, out, lse)
     return out, lse
+
+
+def _write_mean_rows(v, media_mask, out, lse) -> None:
+    """The "mean" rows (no visible chunk; ``media_mask`` may be a schedule's kernel mask, the same
+    tensor for this mode): out = mean of all values of the row's kv head, in float32, lse = log(Lk)."""
+    keys, heads_kv = v.shape[1], v.shape[2]
+    empty = ~media_mask.any(-1)  # [B, Lq]
+    mean = v.mean(1, dtype=torch.float32).repeat_interleave(out.shape[2] // heads_kv, 1)
+    out.copy_(torch.where(empty[:, :, None, None], mean[:, None].to(out.dtype), out))
+    lse.masked_fill_(empty[:, None, :], math.log(keys))
+
+
+def _add_mean_rows_grad(grad_out, media_mask, dv) -> None:
+    """dv[b, j, hk] += (sum of dO over the "mean" rows of hk's query heads) / Lk for every key j:
+    a mean row's output is sum_j v[j] / Lk; its constant scores give q and k nothing."""
+    batch, keys, heads_kv, head_dim = dv.shape
+    empty = ~media_mask.any(-1)  # [B, Lq]
+    # dO * 0/1 is exact in any dtype; the sum over rows and heads runs in float32.
+    row_sum = (grad_out * empty[:, :, None, None]).sum(1, dtype=torch.float32)  # [B, Hq, Dh]
+    per_kv = row_sum.view(batch, heads_kv, -1, head_dim).sum(2) / keys  # [B, Hkv, Dh]
+    dv.add_(per_kv[:, None])  # computed in float32, one rounding to dv's dtype
 
 
 def heaviest_first(chunk_count: torch.Tensor) -> torch.Tensor:
@@ -1272,7 +1301,8 @@ def image_text_attention_bwd_triton(
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` contiguous, in the inputs' dtypes, for the output cotangent ``grad_out``;
-    ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0.
+    ``out`` and ``lse`` are the forward's. Rows that see nothing contribute 0, except under
+    empty_rows="mean", where they add their dO / Lk to every value's gradient.
 
     ``schedule``: a ``MediaSchedule``'s ``(dq chunk_count, dq chunk_ids, qb_count, qb_ids)`` (the dq
     schedule and the transposed dk/dv schedule of ``schedule_blocks``), and then ``media_mask`` is its
@@ -1284,6 +1314,42 @@ def image_text_attention_bwd_triton(
     share into a zeroed float32 buffer with atomics (``ATOMIC_DQ``), cast to q's dtype after; it saves
     the dq pass's recomputation of the scores and the second read of q, k, v, dO, at the price of
     float32 additions in run-dependent order (dq may differ in the last bits between runs)."""
+    dq, dk, dv = _bwd_passes(
+        grad_out,
+        q,
+        k,
+        v,
+        media_mask,
+        out,
+        lse,
+        media_len,
+        scale,
+        empty_rows,
+        schedule=schedule,
+        deterministic=deterministic,
+    )
+    if empty_rows == "mean" and dv.numel() > 0 and q.shape[1] > 0:
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        _add_mean_rows_grad(grad_out, media_mask, dv)
+    return dq, dk, dv
+
+
+def _bwd_passes(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    media_mask: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    media_len: int,
+    scale: float,
+    empty_rows: str,
+    schedule: tuple[torch.Tensor, ...] | None = None,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention kernels' (dq, dk, dv) (see ``image_text_attention_bwd_triton``); "mean" rows
+    run as "zero" rows here."""
     _check_runnable(q, empty_rows)
     batch, query_len, heads_q, head_dim = q.shape
     keys, heads_kv, num_chunks = k.shape[1], k.shape[2], media_mask.shape[2]

@@ -10,12 +10,12 @@ magnitude. NaN never passes; kernel outputs are NaN-filled at allocation (``pois
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from tests.allocations import poisoned_allocations
 from vlm_kernels.reference.concat_project import (
     concat_project_backward_reference,
     concat_project_reference,
@@ -24,21 +24,6 @@ from vlm_kernels.reference.concat_project import (
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # Per dtype: the floor of the tolerance, as a fraction of the reference's largest magnitude.
 FLOOR = {F32: 1e-5, BF16: 1e-2, F16: 2e-3}
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """ATen's ``empty`` (Python's torch.empty and the C++ kernels' outputs alike) returns NaN-filled
-    tensors while active."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def make_inputs(

@@ -14,6 +14,7 @@ import itertools
 import pytest
 import torch
 
+from tests.allocations import poisoned_allocations
 from tests.attention_testing import (
     _lowp_attention,
     check_against_reference,
@@ -33,20 +34,6 @@ if ON_CUDA:
 KERNELS = _C
 if not KERNELS.image_text_attention_cpu_supported():
     pytest.skip("the CPU kernels need AVX-512 (x86-64)", allow_module_level=True)
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """ATen's ``empty`` (the kernels' outputs included) returns NaN-filled tensors while active."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def forward(q, k, v, media_mask, media_len, scale, empty_rows):

@@ -10,12 +10,11 @@ bfloat16 operands), uint8 / float32 / float16 / bfloat16 / float64 pixels, conti
 and sliced pixels (the strided gather), every combination of the epilogue terms.
 """
 
-import contextlib
-
 import pytest
 import torch
 
 import vlm_kernels as vk
+from tests.allocations import poisoned_allocations
 from tests.devices import ON_CUDA
 from tests.patch_embed_testing import (
     BF16,
@@ -37,20 +36,6 @@ if ON_CUDA:
     )
 if not _C.patch_embed_cpu_supported():
     pytest.skip("the CPU kernels need AVX-512 (x86-64)", allow_module_level=True)
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """ATen's ``empty`` (the kernels' outputs included) returns NaN-filled tensors while active."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def cpu_forward(inputs):

@@ -37,6 +37,13 @@ def test_dry_run_writes_the_report(tmp_path):
     model = {r["what"]: r for r in stages["model"]["figures"]["commands"]}
     assert model["generate interleaved --cuda-graph"]["reason"] == gpu_check.DRY_RUN_GRAPH_REASON
     kernels = stages["configs"]["figures"]["kernels"]
+    # Every attention kernel, and only those: the sweep's cases are attention cases.
+    import vlm_kernels.triton.image_text_attention  # noqa: F401  (declares its kernels' configs)
+    from vlm_kernels.triton._launch import triton_config_counts
+
+    assert kernels == {
+        k: n for k, n in triton_config_counts().items() if k.startswith("image_text_attention")
+    }
     ran = {(c["kernel"], c["config"]) for c in stages["configs"]["figures"]["cases"]}
     assert ran == {
         (k, i) for k, n in kernels.items() for i in range(n)

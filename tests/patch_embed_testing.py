@@ -201,3 +201,35 @@ def check_against_reference(
         # still returned (the op discards them); their peer is the exact value itself.
         peer = peer_grads.get(name, exact)
         assert_close(f"grad_{name}", ours, exact, peer, dtype)
+
+
+def case_id(case) -> str:
+    """pytest id of a case tuple (B, C, H, W, P, D, weight dtype, pixels, cls, pos, bias, norm)."""
+    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
+    terms = "".join(flag for flag, on in (("c", cls), ("p", pos), ("b", bias)) if on) or "none"
+    name = str(dtype).replace("torch.", "")
+    return f"{name}-B{batch}-C{channels}-{height}x{width}-P{patch}-D{dim}-{pixels}-{terms}-{norm}"
+
+
+def case_inputs(case) -> dict:
+    """``make_inputs`` of a case tuple; pixels "channels_last" = float32 in channels-last memory."""
+    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
+    kind = "float32" if pixels == "channels_last" else pixels
+    inputs = make_inputs(
+        batch,
+        channels,
+        height,
+        width,
+        patch,
+        dim,
+        dtype,
+        kind,
+        cls=cls,
+        pos=pos,
+        bias=bias,
+        norm=norm,
+    )
+    if pixels == "channels_last":
+        inputs["pixels"] = inputs["pixels"].contiguous(memory_format=torch.channels_last)
+        assert not inputs["pixels"].is_contiguous()
+    return inputs

@@ -21,6 +21,8 @@ from tests.patch_embed_testing import (
     F16,
     F32,
     GRAD_NAMES,
+    case_id,
+    case_inputs,
     check_against_reference,
     make_inputs,
     norm_args,
@@ -84,39 +86,9 @@ CASES = [
 ]
 
 
-def _case_id(case):
-    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
-    terms = "".join(flag for flag, on in (("c", cls), ("p", pos), ("b", bias)) if on) or "none"
-    name = str(dtype).replace("torch.", "")
-    return f"{name}-B{batch}-C{channels}-{height}x{width}-P{patch}-D{dim}-{pixels}-{terms}-{norm}"
-
-
-def _inputs(case):
-    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
-    kind = "float32" if pixels == "channels_last" else pixels
-    inputs = make_inputs(
-        batch,
-        channels,
-        height,
-        width,
-        patch,
-        dim,
-        dtype,
-        kind,
-        cls=cls,
-        pos=pos,
-        bias=bias,
-        norm=norm,
-    )
-    if pixels == "channels_last":
-        inputs["pixels"] = inputs["pixels"].contiguous(memory_format=torch.channels_last)
-        assert not inputs["pixels"].is_contiguous()
-    return inputs
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_and_backward_match_reference(case):
-    check_case(_inputs(case))
+    check_case(case_inputs(case))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -25,6 +25,8 @@ from tests.patch_embed_testing import (
     F32,
     GRAD_NAMES,
     assert_close,
+    case_id,
+    case_inputs,
     check_against_reference,
     make_inputs,
     norm_args,
@@ -91,34 +93,9 @@ CASES = [
 ]
 
 
-def _case_id(case):
-    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
-    terms = "".join(flag for flag, on in (("c", cls), ("p", pos), ("b", bias)) if on) or "none"
-    name = str(dtype).replace("torch.", "")
-    return f"{name}-B{batch}-C{channels}-{height}x{width}-P{patch}-D{dim}-{pixels}-{terms}-{norm}"
-
-
-def _inputs(case):
-    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
-    return make_inputs(
-        batch,
-        channels,
-        height,
-        width,
-        patch,
-        dim,
-        dtype,
-        pixels,
-        cls=cls,
-        pos=pos,
-        bias=bias,
-        norm=norm,
-    )
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_and_backward_match_reference(case):
-    check_against_reference(_inputs(case), forward, backward)
+    check_against_reference(case_inputs(case), forward, backward)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
@@ -248,11 +225,11 @@ def _racecheck():
         # 3xTF32, 2 row blocks, 6 double-buffered K steps, dW over 3 steps of 32 patches
         (2, 3, 48, 64, 8, 64, F32, "strided", False, True, True, "both"),
     ],
-    ids=_case_id,
+    ids=case_id,
 )
 def test_race_free_forward_and_backward(case):
     """Forward and backward under SIMT_RACECHECK: a missing barrier between the double-buffered
     stages (cp.async or plain stores) and the ldmatrix / fragment reads is a reported race."""
-    inputs = _inputs(case)
+    inputs = case_inputs(case)
     with _racecheck():
         check_against_reference(inputs, forward, backward)

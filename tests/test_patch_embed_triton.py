@@ -34,6 +34,8 @@ from tests.patch_embed_testing import (  # noqa: E402
     F16,
     F32,
     GRAD_NAMES,
+    case_id,
+    case_inputs,
     check_against_reference,
     make_inputs,
     poisoned_allocations,
@@ -94,40 +96,15 @@ SLOW_CASES = [
 ]
 
 
-def _case_id(case):
-    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
-    terms = "".join(flag for flag, on in (("c", cls), ("p", pos), ("b", bias)) if on) or "none"
-    name = str(dtype).replace("torch.", "")
-    return f"{name}-B{batch}-C{channels}-{height}x{width}-P{patch}-D{dim}-{pixels}-{terms}-{norm}"
-
-
-def _inputs(case):
-    batch, channels, height, width, patch, dim, dtype, pixels, cls, pos, bias, norm = case
-    return make_inputs(
-        batch,
-        channels,
-        height,
-        width,
-        patch,
-        dim,
-        dtype,
-        pixels,
-        cls=cls,
-        pos=pos,
-        bias=bias,
-        norm=norm,
-    )
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_and_backward_match_reference(case):
-    check_case(_inputs(case))
+    check_case(case_inputs(case))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", SLOW_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", SLOW_CASES, ids=case_id)
 def test_larger_shapes(case):
-    check_case(_inputs(case))
+    check_case(case_inputs(case))
 
 
 def test_weight_gradient_split_reduction():

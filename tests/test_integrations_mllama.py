@@ -210,9 +210,8 @@ def test_instance_patch_touches_nothing_global_and_reverts():
     assert not any("forward" in module.__dict__ for module in other.modules())
     assert set(model.state_dict()) == keys
     patched_modules = [m for m in model.modules() if "forward" in m.__dict__]
-    assert (
-        len(patched_modules) == 3
-    )  # the patch Conv2d, one cross-attention layer and its attention
+    # The MllamaModel (projector), the patch Conv2d, one cross-attention layer and its attention.
+    assert len(patched_modules) == 4
     revert_vlm_kernels_to_mllama(model)
     assert not any("forward" in module.__dict__ for module in model.modules())
     with torch.no_grad():
@@ -245,6 +244,55 @@ def test_save_after_patch_loads_into_a_stock_model(tmp_path):
         torch.testing.assert_close(
             model(**inputs).logits, stock(**inputs).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def test_projector_runs_as_one_concat_project_and_keeps_the_weight_in_hf_layout(monkeypatch):
+    """The intermediate stack + concat + projector is one vk.concat_project over the final and the
+    intermediate states; the parameter keeps HF's interleaved layout (state_dict unchanged), the
+    inference-time reordered weight is cached and rebuilt after the weight changes."""
+    import vlm_kernels as vk
+
+    calls = []
+    real = vk.concat_project
+
+    def spy(features, weight, bias=None, **kwargs):
+        calls.append([tuple(f.shape) for f in features])
+        return real(features, weight, bias, **kwargs)
+
+    monkeypatch.setattr(vk, "concat_project", spy)
+    inputs = image_inputs()
+    stock, model = tiny_mllama(), tiny_mllama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_vlm_kernels_to_mllama(model, patch_embed=False, cross_attention=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**inputs).logits, stock(**inputs).logits, rtol=1e-5, atol=1e-5
+        )
+        model(**inputs)
+    sources = 1 + len(VISION["intermediate_layers_indices"])
+    leading = (2 * 3, VISION["max_num_tiles"], TOKENS_PER_TILE)
+    assert calls == [[(*leading, VISION["hidden_size"])] * sources] * 2
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    cached = model.model._vlmk_projector_weight[1]
+    with torch.no_grad():
+        model(**inputs)
+        assert (
+            model.model._vlmk_projector_weight[1] is cached
+        )  # reused while the weight is unchanged
+        for m in (model, stock):
+            m.model.multi_modal_projector.weight.mul_(-0.5)
+        torch.testing.assert_close(
+            model(**inputs).logits, stock(**inputs).logits, rtol=1e-5, atol=1e-5
+        )
+    assert model.model._vlmk_projector_weight[1] is not cached
+    revert_vlm_kernels_to_mllama(model)
+    assert "_vlmk_projector_weight" not in model.model.__dict__
+    calls.clear()
+    apply_vlm_kernels_to_mllama(model, projector=False)
+    with torch.no_grad():
+        model(**inputs)
+    assert calls == []
 
 
 def test_clear_errors():

@@ -1,5 +1,6 @@
 """Hugging Face Mllama (Llama 3.2 Vision): the text cross-attention core -> ``vk.image_text_attention``,
-the vision patch-embedding Conv2d -> ``vk.patch_embed``.
+the vision patch-embedding Conv2d -> ``vk.patch_embed``, the intermediate-layer concat + projector ->
+``vk.concat_project``.
 
 Written against transformers 5.x ``models/mllama/modeling_mllama.py`` (tested with 5.24.0):
 
@@ -21,6 +22,17 @@ Written against transformers 5.x ``models/mllama/modeling_mllama.py`` (tested wi
   ``vk.patch_embed`` and returns the same [N, D, H/P, W/P] tensor (a view of the op's [N, L, D]
   tokens, which HF's ``flatten(2).transpose(1, 2)`` turns back into the tokens without a copy). The
   CLS row is placed after the pre-tile position embedding by HF, so it stays HF's.
+- Projector. HF's vision model stacks the hidden states of ``intermediate_layers_indices`` on a new
+  last axis, concatenates them after the final hidden state ([..., D * (1 + L)], column ``D + d * L +
+  k`` = feature d of intermediate layer k) and ``multi_modal_projector`` projects that buffer (7680
+  features per token at 11B). The patched ``MllamaModel.forward`` computes the image states itself:
+  HF's vision submodules in HF's order, then ``vk.concat_project([final, layer_0, ..., layer_{L-1}],
+  W')`` on views of the unpadded states (no stack, no concat), where W' is the projector weight with
+  its columns reordered to that source order (``mllama_projector_weight``). The parameter itself is
+  not touched: W' is derived from it, once while it does not change and gradients are off (cached,
+  rebuilt when the weight's data or version changes), else per forward (a differentiable gather, so
+  its gradient lands in HF's layout). The model output's ``image_outputs`` is None on that path (HF's
+  vision output is exactly the buffer this patch avoids).
 
 Parameters are the model's own (nothing copied): ``state_dict()`` keys and values, checkpoints and
 training are unchanged.
@@ -28,13 +40,16 @@ training are unchanged.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import vlm_kernels as vk
 from vlm_kernels.integrations._patching import patch_instance, revert_tree
+from vlm_kernels.nn.multi_layer_projector import mllama_projector_weight
 from vlm_kernels.nn.patch_embed import _check_patch_conv
 
 MLLAMA_EMPTY_ROWS = ("uniform", "zero")
@@ -47,6 +62,7 @@ def apply_vlm_kernels_to_mllama(
     model: nn.Module | None = None,
     *,
     patch_embed: bool = True,
+    projector: bool = True,
     cross_attention: bool = True,
     empty_rows: str = "uniform",
 ) -> None:
@@ -59,6 +75,8 @@ def apply_vlm_kernels_to_mllama(
             ``MllamaForConditionalGeneration``); nothing outside that module changes. Call it before
             the model is built (``from_pretrained`` included).
         patch_embed: the vision patch-embedding Conv2d -> ``vk.patch_embed``.
+        projector: the intermediate-layer stack + concat + ``multi_modal_projector`` ->
+            ``vk.concat_project`` (module docstring).
         cross_attention: the text cross-attention core -> ``vk.image_text_attention``.
         empty_rows: text tokens that see no image (text before the first image): "uniform" attends to
             every image key (exactly HF's behaviour), "zero" gets no image signal (Meta / torchtune).
@@ -74,6 +92,7 @@ def apply_vlm_kernels_to_mllama(
         raise ValueError(f"empty_rows must be one of {MLLAMA_EMPTY_ROWS}, got {empty_rows!r}")
     options = {
         "patch_embed": patch_embed,
+        "projector": projector,
         "cross_attention": cross_attention,
         "empty_rows": empty_rows,
     }
@@ -85,6 +104,8 @@ def apply_vlm_kernels_to_mllama(
         conv = core.vision_model.patch_embedding
         _check_patch_conv(conv, "vision_model")
         patch_instance(conv, forward=_conv_as_patch_embed)
+    if projector:
+        patch_instance(core, forward=_model_forward_fused_projector, _vlmk_projector_weight=None)
     if cross_attention:
         media_len = int(core.vision_model.num_patches)
         schedules = _ScheduleCache(media_len, empty_rows)
@@ -156,6 +177,109 @@ def _conv_as_patch_embed(self: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
     batch, _, height, width = pixels.shape
     patch_h, patch_w = self.kernel_size
     return tokens.view(batch, height // patch_h, width // patch_w, -1).permute(0, 3, 1, 2)
+
+
+# ---- intermediate layers + projector ------------------------------------------------------------------
+
+
+def _model_forward_fused_projector(self: nn.Module, *args, **kwargs):
+    """``MllamaModel.forward`` with the image states computed by ``_projected_image_states`` (then
+    handed to HF's forward as ``cross_attention_states``); everything else is HF's forward."""
+    original = type(self).forward
+    bound = inspect.signature(original).bind(self, *args, **kwargs)
+    arguments = bound.arguments
+    # Missing aspect inputs or both pixels and states: left to HF's forward, which raises its errors.
+    if (
+        arguments.get("pixel_values") is not None
+        and arguments.get("cross_attention_states") is None
+        and arguments.get("aspect_ratio_ids") is not None
+        and arguments.get("aspect_ratio_mask") is not None
+    ):
+        arguments["cross_attention_states"] = _projected_image_states(
+            self,
+            arguments["pixel_values"],
+            arguments["aspect_ratio_ids"],
+            arguments["aspect_ratio_mask"],
+        )
+        arguments["pixel_values"] = None
+    return original(*bound.args, **bound.kwargs)
+
+
+def _projected_image_states(
+    core: nn.Module,
+    pixel_values: torch.Tensor,
+    aspect_ratio_ids: torch.Tensor,
+    aspect_ratio_mask: torch.Tensor,
+) -> torch.Tensor:
+    """HF's ``MllamaVisionModel.forward`` followed by ``multi_modal_projector``, with the
+    intermediate stack + concat + Linear as one ``vk.concat_project`` over views of the states.
+
+    pixel_values [B, M, T, C, H, W] -> [B * M * T, P, text hidden] (P tokens per tile, CLS included),
+    the layout HF's ``MllamaModel`` gives ``cross_attention_states``."""
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+
+    vision = core.vision_model
+    batch, images, tiles, channels, height, width = pixel_values.shape
+    media = batch * images
+    ratio_ids = aspect_ratio_ids.reshape(media, -1)
+    conv_weight = vision.patch_embedding.weight
+    pixels = pixel_values.reshape(media * tiles, channels, height, width)
+    patches = vision.patch_embedding(pixels.to(conv_weight.device, conv_weight.dtype))
+    hidden = patches.flatten(2).transpose(1, 2)
+    _, num_patches, dim = hidden.shape
+    hidden = vision.pre_tile_positional_embedding(hidden.reshape(media, tiles, -1, dim), ratio_ids)
+    hidden = vision.apply_class_embedding(hidden.reshape(media * tiles, num_patches, dim))
+    num_patches += 1
+    hidden = vision.gated_positional_embedding(
+        hidden.reshape(media, tiles, num_patches, dim), ratio_ids
+    )
+    hidden = vision.layernorm_pre(hidden)
+    # HF pads every tile to a multiple of 8 tokens for its encoders.
+    padded = num_patches + (8 - num_patches % 8) % 8
+    hidden = F.pad(hidden, (0, 0, 0, padded - num_patches))
+    attention_mask = _prepare_aspect_ratio_attention_mask(
+        aspect_ratio_mask=aspect_ratio_mask.reshape(media, -1),
+        num_patches=vision.num_patches,
+        target_length=padded,
+        dtype=vision.dtype,
+    )
+    local = vision.transformer(hidden.view(media, -1, dim), attention_mask=attention_mask)
+    hidden = vision.layernorm_post(local.last_hidden_state)
+    hidden = vision.post_tile_positional_embedding(
+        hidden.reshape(media, tiles, padded, dim), ratio_ids
+    )
+    hidden = vision.global_transformer(
+        hidden.reshape(media, tiles * padded, dim), attention_mask=attention_mask
+    ).last_hidden_state
+
+    def unpadded(states: torch.Tensor) -> torch.Tensor:
+        # [media, tiles * padded, dim] -> a [media, tiles, num_patches, dim] view (no copy).
+        return states.reshape(media, tiles, padded, dim)[:, :, :num_patches]
+
+    sources = [unpadded(hidden)]
+    sources += [unpadded(local.hidden_states[i]) for i in vision.intermediate_layers_indices]
+    projector = core.multi_modal_projector
+    out = vk.concat_project(sources, _source_ordered_projector_weight(core), projector.bias)
+    return out.reshape(-1, num_patches, core.hidden_size)
+
+
+def _source_ordered_projector_weight(core: nn.Module) -> torch.Tensor:
+    """The projector weight with columns in ``[final, layer_0, ...]`` order. Built per call while
+    gradients flow into the weight (a gather autograd follows); otherwise cached on the model and
+    rebuilt when the weight's storage or version counter changes (load_state_dict, optimizer)."""
+    weight = core.multi_modal_projector.weight
+    vision = core.vision_model
+    layers = len(vision.intermediate_layers_indices)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return mllama_projector_weight(weight, vision.hidden_size, layers)
+    key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, weight.shape)
+    cached = core._vlmk_projector_weight
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, mllama_projector_weight(weight, vision.hidden_size, layers))
+        # A plain instance attribute (recorded by the patch, removed by the revert).
+        object.__setattr__(core, "_vlmk_projector_weight", cached)
+    return cached[1]
 
 
 # ---- cross-attention ------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def providers(op: str) -> list[Provider]:
         Provider(
             name=peer.name,
             op=op,
-            kind="peer",
+            kind="ceiling" if peer.ceiling else "peer",
             description=peer.description,
             prepare=peer.prepare,
             unavailable=lambda device: None,

@@ -176,7 +176,8 @@ def write_plot(results: Sequence[Result], path: Path):
         medians = [r.median_ms for r in rows]
         low = [r.median_ms - r.p20_ms for r in rows]
         high = [r.p80_ms - r.median_ms for r in rows]
-        colors = ["tab:orange" if r.kind == "ours" else "tab:blue" for r in rows]
+        palette = {"ours": "tab:orange", "ceiling": "tab:gray"}
+        colors = [palette.get(r.kind, "tab:blue") for r in rows]
         bars = ax.barh(names, medians, xerr=[low, high], color=colors, capsize=3)
         ax.invert_yaxis()
         ax.set_xlabel(

@@ -81,11 +81,16 @@ class Shape:
 
 @dataclass(frozen=True)
 class Peer:
-    """A PyTorch implementation of an op that ours is compared against."""
+    """A PyTorch implementation of an op that ours is compared against.
+
+    ceiling: not an implementation of the op but the bare work it cannot beat (e.g. ``torch.mm`` on
+    already-unfolded patches): timed in the forward only, its output is not the op's and is not
+    checked against it; it appears in the tables with kind "ceiling"."""
 
     name: str
     description: str
     prepare: Prepare
+    ceiling: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class Provider:
 
     name: str
     op: str
-    kind: str  # "ours" or "peer"
+    kind: str  # "ours", "peer" or "ceiling"
     description: str
     prepare: Prepare
     unavailable: Callable[[torch.device], str | None]

@@ -126,6 +126,8 @@ PEER_VARIANTS = {("image_text_attention", "sdpa_nomask"): ("all",)}
 def _peer_cases():
     for op, spec in registry.OPS.items():
         for peer in spec.peers:
+            if peer.ceiling:  # not the op: test_ceiling_* below
+                continue
             for variant in PEER_VARIANTS.get((op, peer.name), spec.shapes["tiny"].variants):
                 yield pytest.param(op, peer.name, variant, id=f"{op}-{peer.name}-{variant}")
 
@@ -320,3 +322,40 @@ def test_cli_list_and_help(capsys):
         assert flag in text
     with pytest.raises(SystemExit, match="unknown shape"):
         cli.main(["--op", "image_text_attention", "--shape", "nope"])
+
+
+@pytest.mark.parametrize("variant", ["float", "uint8"])
+def test_ceiling_mm_is_the_bare_gemm_of_the_patches(variant):
+    """patch_embed's `mm` ceiling: the op's GEMM on the unfolded (normalized) pixels, no epilogue."""
+    inputs = registry.get_shape("patch_embed", "tiny").build(variant, torch.float32, CPU, seed=5)
+    peer = next(p for p in registry.get_op("patch_embed").peers if p.name == "mm")
+    assert peer.ceiling
+    got = peer.prepare(inputs)()
+    weight = inputs.tensors["weight"]
+    patch = weight.shape[-1]
+    # F.unfold orders a patch's features (C, kh, kw) like weight.reshape(D, -1).
+    columns = torch.nn.functional.unfold(
+        patch_embed._normalized_pixels(inputs), patch, stride=patch
+    )
+    expected = columns.transpose(1, 2) @ weight.reshape(weight.shape[0], -1).t()
+    assert got.shape == (expected.shape[0] * expected.shape[1], weight.shape[0])
+    torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-4, rtol=1e-4)
+
+
+def test_a_ceiling_runs_forward_only_and_is_not_checked_against_the_op():
+    from benchmarks.runner import Case, RunConfig, run_case
+
+    providers = [registry.get_provider("patch_embed", n) for n in ("vk-reference", "conv", "mm")]
+    for mode in ("fwd", "fwd_bwd"):
+        case = Case("patch_embed", "tiny", "float", "fp32", mode)
+        results = {
+            r.provider: r
+            for r in run_case(case, providers, RunConfig(CPU, repeats=2, memory=False))
+        }
+        assert results["mm"].kind == "ceiling"
+        assert results["conv"].status == "ok" and results["conv"].max_abs_err is not None
+        if mode == "fwd":
+            assert results["mm"].status == "ok" and results["mm"].max_abs_err is None
+            assert results["mm"].speedup is not None
+        else:
+            assert results["mm"].status == "unavailable" and "fwd only" in results["mm"].reason

@@ -46,6 +46,15 @@ def test_tile_edges(dtype):
     check(*make_inputs((1100,), (7, 24) * 8 + (41,), 700, dtype))
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("rows", [1, 17, 600])
+def test_transposed_tile_edges(dtype, rows):
+    """Fewer rows than outputs: the 16-bit forward packs the rows (out^T = W X^T). 600 rows: three
+    row blocks of 200 (B padded to 208); 1000 outputs: 31 full 32-feature blocks and a partial
+    one; odd and even widths (odd: the last column as a float32 rank-1 update)."""
+    check(*make_inputs((rows,), (7, 24, 41, 64), 1000, dtype))
+
+
 def test_empty_sizes():
     for lead, widths, dim in (((0,), (8, 4), 16), ((5,), (8, 4), 0), ((5,), (8, 0, 4), 16)):
         check(*make_inputs(lead, widths, dim, F32))

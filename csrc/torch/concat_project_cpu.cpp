@@ -11,9 +11,11 @@
 // Forward, float32: ATen addmm per source accumulating in place in the output (MKL). Forward,
 // bfloat16 / float16: oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AMX tiles where the CPU
 // has them) accumulating in a small float32 tile per thread, rounded once (forward_brgemm); where
-// the CPU has no brgemm for the dtype, the addmm path in that dtype. Backward: ATen mm_out on
-// views (MKL / oneDNN, float32 accumulation), so each gradient is rounded once. The forward
-// allocates the output, plus per thread one packed weight panel and one float32 tile (16-bit).
+// the CPU has no brgemm for the dtype, the addmm path in that dtype. With fewer rows than output
+// features the 16-bit forward runs transposed (forward_brgemm_transposed) and packs the rows, not
+// W. Backward: ATen mm_out on views (MKL / oneDNN, float32 accumulation), so each gradient is
+// rounded once. The forward allocates the output, plus per thread one packed operand block and
+// one float32 tile (16-bit).
 #include "torch/concat_project_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -188,6 +190,94 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
   });
 }
 
+// bfloat16 / float16 when the rows are fewer than the output features (a LLaVA connector over 576
+// tokens, a decode step): the same products transposed, out^T [N, M] = sum_l W_l [N, D_l] @ X_l^T,
+// so that the operand packed per call is the smaller one, X (rows x K words) instead of W (N x K).
+// W's rows are brgemm's A operand, read where they lie (row stride ldw, no packing); each task
+// packs its block of rows of every source as VNNI B operands [D_l / 2, rows] (word (i, m) = X_l[m0
+// + m, 2i .. 2i+1]) once, then walks its output features kFeatureBlock at a time: brgemm calls
+// accumulate a float32 [kFeatureBlock, rows] tile over the sources (an odd width's last column as a
+// float32 rank-1 update), and the epilogue adds the bias and writes the tile transposed, rounded
+// once. Tasks: row blocks of at most kTransposedRows, times groups of output features when there
+// are fewer row blocks than 2 x threads (each task then packs its rows: X is the small operand).
+constexpr int64_t kTransposedRows = 256;  // rows per task: B columns, and the tile's row length
+constexpr int64_t kFeatureBlock = 32;     // output features per brgemm call (A rows)
+
+template <typename T>
+void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w, int64_t ldw,
+                               const T* bias, int64_t rows, int64_t cols, T* out) {
+  const int64_t row_blocks = (rows + kTransposedRows - 1) / kTransposedRows;
+  const int64_t block_rows = (rows + row_blocks - 1) / row_blocks;
+  const int64_t ldp = (block_rows + 15) / 16 * 16;  // packed B / tile row length
+  const int64_t feature_blocks = (cols + kFeatureBlock - 1) / kFeatureBlock;
+  const int64_t groups = std::min<int64_t>(
+      feature_blocks,
+      std::max<int64_t>(1, (2 * at::get_num_threads() + row_blocks - 1) / row_blocks));
+  const int64_t group_blocks = (feature_blocks + groups - 1) / groups;
+  int64_t packed_words = 0;
+  for (const auto& src : sources) packed_words += src.width / 2 * ldp;
+  std::vector<float> bias_f(cols, 0.0f);
+  if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
+
+  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    // Scratch from ATen's allocator, so that memory profiles count it.
+    const at::Tensor packed_buffer = at::empty({std::max<int64_t>(packed_words, 1)}, at::kInt);
+    const at::Tensor tile_buffer = at::empty({kFeatureBlock * ldp}, at::kFloat);
+    uint32_t* packed = reinterpret_cast<uint32_t*>(packed_buffer.data_ptr<int32_t>());
+    float* tile = tile_buffer.data_ptr<float>();
+    float row_out[kFeatureBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m0 = task / groups * block_rows;
+      const int64_t m = std::min(block_rows, rows - m0);
+      if (m <= 0) continue;
+      const int64_t block_begin = task % groups * group_blocks;
+      const int64_t block_end = std::min(feature_blocks, block_begin + group_blocks);
+      uint32_t* dst = packed;
+      for (const auto& src : sources) {
+        const int64_t words = src.width / 2;
+        for (int64_t r = 0; r < m; ++r) {
+          const T* row = src.data + (m0 + r) * src.row_stride;
+          for (int64_t i = 0; i < words; ++i) dst[i * ldp + r] = load_word(row + 2 * i);
+        }
+        dst += words * ldp;
+      }
+      for (int64_t fb = block_begin; fb < block_end; ++fb) {
+        const int64_t n0 = fb * kFeatureBlock;
+        const int64_t n = std::min(kFeatureBlock, cols - n0);
+        bool accumulate = false;
+        const uint32_t* b = packed;
+        for (const auto& src : sources) {
+          const int64_t even = src.width / 2 * 2;
+          if (even > 0) {
+            at::native::cpublas::brgemm(n, m, even, ldw, ldp, ldp, accumulate,
+                                        w + n0 * ldw + src.column, reinterpret_cast<const T*>(b),
+                                        tile, /*is_vnni=*/true);
+            accumulate = true;
+          }
+          b += even / 2 * ldp;
+        }
+        if (!accumulate) std::fill(tile, tile + kFeatureBlock * ldp, 0.0f);
+        for (const auto& src : sources) {
+          if (src.width % 2 == 0) continue;
+          const int64_t k = src.width - 1;  // the last column of an odd width
+          for (int64_t j = 0; j < n; ++j) {
+            const float wk = static_cast<float>(w[(n0 + j) * ldw + src.column + k]);
+            float* acc = tile + j * ldp;
+            for (int64_t r = 0; r < m; ++r) {
+              acc[r] += wk * static_cast<float>(src.data[(m0 + r) * src.row_stride + k]);
+            }
+          }
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t j = 0; j < n; ++j) row_out[j] = tile[j * ldp + r] + bias_f[n0 + j];
+          at::vec::convert(row_out, out + (m0 + r) * cols + n0, n);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  });
+}
+
 // float32 (and a 16-bit dtype on a CPU without its brgemm): one addmm per source into the output,
 // in place (beta = 1) after the first: MKL reads each source and the weight's column block where
 // they lie. float32 accumulates exactly as one GEMM would; 16-bit outputs are rounded after each
@@ -259,9 +349,10 @@ at::Tensor concat_project_fwd_cpu(const std::vector<at::Tensor>& features, const
   dispatch_dtype(type, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      forward_brgemm(sources_of<T>(flat), w.const_data_ptr<T>(), ldw,
-                     b.defined() ? b.const_data_ptr<T>() : nullptr, rows, cols,
-                     out.mutable_data_ptr<T>());
+      // Pack the smaller operand: the rows when there are fewer of them than output features.
+      const auto forward = rows < cols ? forward_brgemm_transposed<T> : forward_brgemm<T>;
+      forward(sources_of<T>(flat), w.const_data_ptr<T>(), ldw,
+              b.defined() ? b.const_data_ptr<T>() : nullptr, rows, cols, out.mutable_data_ptr<T>());
     }
   });
   return out.view(shape);

@@ -293,18 +293,24 @@ inline void load_patch_row(const Pixel* src, int64_t src_stride, float scale, fl
 }
 
 // A block of the forward: a[row][k] = X[b, first + row, k] for k < K, 0 for K <= k < lda.
+// The pixel row (c, u) is the outer loop: consecutive patches of a patch row then read one image
+// row front to back, a stream the hardware prefetcher follows. (Patch-major order read C * P
+// short segments of different image rows per patch: the first touch of every line was a cache
+// miss, measured as half of the bfloat16 forward's time.)
 template <typename Pixel, typename T>
 void gather_patches(const PixelView<Pixel>& view, const RowBlock& block, T* a, int64_t lda) {
   const int64_t patch = view.patch, k_size = view.channels * patch * patch;
-  for (int64_t row = 0; row < block.rows; ++row) {
-    T* dst = a + row * lda;
-    for (int64_t c = 0; c < view.channels; ++c) {
-      for (int64_t u = 0; u < patch; ++u) {
+  for (int64_t c = 0; c < view.channels; ++c) {
+    for (int64_t u = 0; u < patch; ++u) {
+      for (int64_t row = 0; row < block.rows; ++row) {
         load_patch_row(view.patch_row(block.image, block.first + row, c, u), view.stride_col,
-                       view.scale[c], view.shift[c], patch, dst + (c * patch + u) * patch, 1);
+                       view.scale[c], view.shift[c], patch, a + row * lda + (c * patch + u) * patch,
+                       1);
       }
     }
-    std::fill(dst + k_size, dst + lda, from_float<T>(0.f));
+  }
+  for (int64_t row = 0; row < block.rows; ++row) {
+    std::fill(a + row * lda + k_size, a + (row + 1) * lda, from_float<T>(0.f));
   }
 }
 
@@ -315,9 +321,10 @@ template <typename Pixel, typename T>
 void gather_patches_t(const PixelView<Pixel>& view, const RowBlock& block, int64_t unit_begin,
                       int64_t unit_end, T* a, int64_t lda) {
   const int64_t patch = view.patch;
-  for (int64_t row = 0; row < block.rows; ++row) {
-    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t c = unit / patch, u = unit % patch;
+  // Pixel row outer, patches inner: image rows read front to back (see gather_patches).
+  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+    const int64_t c = unit / patch, u = unit % patch;
+    for (int64_t row = 0; row < block.rows; ++row) {
       load_patch_row(view.patch_row(block.image, block.first + row, c, u), view.stride_col,
                      view.scale[c], view.shift[c], patch,
                      a + (unit - unit_begin) * patch * lda + row, lda);

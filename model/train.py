@@ -43,6 +43,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step, from step 1
     evals: list[dict] = field(default_factory=list)  # {"step": s, task: sequence accuracy}
     seconds: float = 0.0  # wall time of the steps run in this call
+    step_seconds: list[float] = field(
+        default_factory=list
+    )  # each step of this call, evals excluded
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -344,7 +347,9 @@ def train(
     )
     began = time.perf_counter()
     for _ in bar:
-        loss = trainer.step()
+        step_began = time.perf_counter()
+        loss = trainer.step()  # (ends in a host sync: it reads the loss back)
+        trainer.result.step_seconds.append(time.perf_counter() - step_began)
         done = trainer.step_count
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, done - 1):.2e}")
         evaluate = config.eval_every and done % config.eval_every == 0 and done != config.steps

@@ -166,6 +166,11 @@ class VisionLanguageModel(nn.Module):
         image_states, media_len = self.encode_media(media)
         return self.decoder.compute_image_kv(image_states), media_len
 
+    def decoder_tokens(self, input_ids: torch.Tensor, media: torch.Tensor | None) -> int:
+        """Tokens per sequence that every decoder layer processes for this batch (the text alone:
+        the image tokens reach the decoder as the cross-attention blocks' keys/values)."""
+        return input_ids.shape[1]
+
     @staticmethod
     def text_only(media: torch.Tensor | None) -> bool:
         """Whether ``media`` carries no media item (None, or M = 0 per row)."""

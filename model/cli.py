@@ -1,4 +1,4 @@
-"""Command line: train, generate, eval, demo."""
+"""Command line: train, generate, eval, demo, recipes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ import sys
 
 import torch
 
-from model.config import PRESETS, TrainConfig
+from model.config import CONNECTORS, FUSIONS, PRESETS, TrainConfig
 from model.data import TASKS
 
 BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda", "cuda_sim")
 DEFAULT_OUT = "model/out/checkpoint"
 # TrainConfig fields that are not set from a flag of the same name (the rest are).
-_FLAG_FIELDS = {"no_augment": "augment"}
+_FLAG_FIELDS = {
+    "no_augment": "augment",
+    "fusion": "model_overrides",
+    "connector": "model_overrides",
+    "vision2_patch_size": "model_overrides",
+}
+# train's model-variant flags (the recipes' models), set in TrainConfig.model_overrides when not the
+# default.
+_MODEL_FLAGS = {"fusion": "cross_attention", "connector": "linear", "vision2_patch_size": 0}
 
 
 def _backend(value: str) -> str | None:
@@ -134,6 +142,11 @@ def _train_config(args) -> TrainConfig:
         video_frames=args.video_frames,
         backend=_backend(args.backend),
         checkpoint_every=getattr(args, "checkpoint_every", 0),
+        model_overrides={
+            name: getattr(args, name)
+            for name, default in _MODEL_FLAGS.items()
+            if getattr(args, name, default) != default
+        },
     )
 
 
@@ -162,6 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_OUT}, or with --resume the resumed run's directory",
     )
     train.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default="cross_attention",
+        help="how the image tokens reach the decoder: gated cross-attention blocks (Llama 3.2 "
+        "Vision) or unified (LLaVA: spliced into the decoder's input in place of each <image> "
+        "token, no cross-attention blocks); generate and eval read it from the checkpoint",
+    )
+    train.add_argument(
+        "--connector",
+        choices=CONNECTORS,
+        default="linear",
+        help="after the vk.concat_project projector: nothing (linear) or GELU + Linear (mlp, "
+        "LLaVA-1.5's 2-layer connector)",
+    )
+    train.add_argument(
+        "--vision2-patch-size",
+        type=int,
+        default=0,
+        help="add a second vision encoder of this patch size (width 32) whose features the one "
+        "projector concatenates with the first's (0: one encoder)",
+    )
+    train.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
@@ -172,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint directory of a run to continue: its saved settings, overridden by the "
         "flags given here (--steps above the saved step extends the run; the eval/checkpoint "
-        "cadence, lr schedule, batch size and tasks may change; --preset, --video-frames and --seed "
-        "may not). Unchanged, the losses continue exactly as if it had not stopped",
+        "cadence, lr schedule, batch size and tasks may change; --preset, --video-frames, --seed "
+        "and the model flags --fusion, --connector, --vision2-patch-size may not). Unchanged, the losses continue exactly as if it had not stopped",
     )
 
     generate = commands.add_parser(

@@ -355,3 +355,23 @@ def test_recipes_cli_rejects_an_unknown_recipe(capsys):
     with pytest.raises(SystemExit):
         main(["recipes", "--recipe", "flamingo"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_cli_builds_the_recipe_models_and_eval_generate_read_them(tmp_path, capsys):
+    out = str(tmp_path / "unified")
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1"]
+    argv += ["--eval-every", "0", "--fusion", "unified", "--connector", "mlp", "--out", out]
+    assert main(argv) == 0
+    model, _ = load_model(out)
+    assert isinstance(model, UnifiedEmbeddingVLM) and model.config.connector == "mlp"
+    assert main(["eval", "--checkpoint", out, "--examples", "4"]) == 0
+    assert main(["generate", "--checkpoint", out, "--task", "interleaved", "--count", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "every caption right" in printed and "images of" in printed
+    # A resume cannot change the model.
+    assert main(["train", "--resume", out, "--steps", "3", "--fusion", "cross_attention"]) == 2
+    assert "model_overrides" in capsys.readouterr().err
+    multi = str(tmp_path / "multi")
+    argv = ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--warmup-steps", "1"]
+    assert main([*argv, "--eval-every", "0", "--vision2-patch-size", "2", "--out", multi]) == 0
+    assert isinstance(load_model(multi)[0].vision, MultiVisionEncoder)

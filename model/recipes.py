@@ -60,14 +60,14 @@ class RecipeRow:
     recipe: str
     accuracy: dict[str, float]  # task -> held-out sequence accuracy (every caption right)
     steps: int
-    steps_to_targets: (
-        int | None
-    )  # first periodic eval where every task met TARGETS (None: none did)
+    # the first evaluation where every task met TARGETS (None: none did)
+    steps_to_targets: int | None
     train_seconds: float  # the steps of every stage of the recipe (periodic evals excluded)
     step_ms: float  # median fusion-stage step
     decoder_tokens: dict[str, int]  # task -> tokens per sequence through every decoder layer
     trainable_parameters: int  # in the fusion stage
     notes: dict = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)  # {"step": s, task: accuracy}, the final last
 
 
 def _steps_to_targets(evals: list[dict]) -> int | None:
@@ -135,6 +135,7 @@ def run_recipe(
     data = Digits(seed=config.seed)
     scores = evaluate_tasks(model, tokenizer, data, config, eval_count, device)
     accuracy = {task: s["sequence"] for task, s in scores.items()}
+    evals = [*result.evals, {"step": config.steps, **accuracy}]
     tokens = {}
     for task in config.tasks:
         batch = eval_batch(
@@ -150,12 +151,13 @@ def run_recipe(
         recipe=name,
         accuracy=accuracy,
         steps=config.steps,
-        steps_to_targets=_steps_to_targets(result.evals),
+        steps_to_targets=_steps_to_targets(evals),
         train_seconds=seconds,
         step_ms=1000 * statistics.median(result.step_seconds),
         decoder_tokens=tokens,
         trainable_parameters=trainable_parameters(model),
         notes=notes,
+        evals=evals,
     )
 
 
@@ -253,8 +255,9 @@ def format_table(rows: list[RecipeRow], config: TrainConfig, eval_count: int) ->
     lines.append(
         f"{config.steps} fusion steps of {config.batch_size} sequences per task for every recipe "
         f"(same seed and batches); accuracy on {eval_count} held-out sequences per task; steps to "
-        f"targets from the evaluation every {config.eval_every} steps on {config.eval_examples} "
-        "sequences ('-': not within the run); train s: the steps of every stage, evaluations "
+        f"targets: the first evaluation (every {config.eval_every} steps on {config.eval_examples} "
+        f"sequences per task, and the final one) where every task met the demo's target ('-': "
+        "none did); train s: the steps of every stage, evaluations "
         "excluded; decoder tokens: per sequence, through every decoder layer."
     )
     return "\n".join(lines)

@@ -336,6 +336,9 @@ def test_recipes_cli_runs_every_recipe_and_prints_one_table(tmp_path, capsys):
     for name in names:
         assert f"| `{name}` |" in table
     by_name = {row["recipe"]: row for row in rows}
+    for row in rows:  # the periodic evaluations, then the final one that steps-to-targets counts
+        assert [e["step"] for e in row["evals"]] == [1, 2]
+        assert {t: row["evals"][-1][t] for t in TASKS} == row["accuracy"]
     assert by_name["staged"]["notes"]["text_only_logits_bit_identical"] is True
     assert (
         by_name["staged"]["trainable_parameters"]

@@ -147,6 +147,9 @@ def run_recipe(
             video_frames=config.video_frames,
         )
         tokens[task] = model.decoder_tokens(batch.input_ids, batch.media)
+    notes["projector_sources"] = list(model.vision.feature_dims)
+    notes["image_tokens_per_image"] = (model.config.image_size // model.config.patch_size) ** 2 + 1
+    notes["image_tokens_per_clip"] = model.config.num_latents
     return RecipeRow(
         recipe=name,
         accuracy=accuracy,
@@ -220,7 +223,19 @@ def _note(row: RecipeRow) -> str:
             f"{n['zero_shot_test_accuracy']:.1%} on the test split, temperature "
             f"{n['clip_final_temperature']}"
         )
-    return RECIPES[row.recipe]
+    sources = f"concat_project over {len(n['projector_sources'])} sources {n['projector_sources']}"
+    if row.recipe == "multi_encoder":
+        return f"two ViTs (patch 4 / patch 2 pooled to 2x2); {sources}"
+    if row.recipe.startswith("unified"):
+        connector = "+ GELU + Linear" if row.recipe == "unified_mlp" else "alone"
+        return (
+            f"no cross-attention; {n['image_tokens_per_image']} tokens per image, "
+            f"{n['image_tokens_per_clip']} per clip spliced in; {sources} {connector}"
+        )
+    return (
+        f"{n['image_tokens_per_image']} tokens per image, {n['image_tokens_per_clip']} per clip "
+        f"as cross-attention keys/values; {sources}"
+    )
 
 
 def format_table(rows: list[RecipeRow], config: TrainConfig, eval_count: int) -> str:

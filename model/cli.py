@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_argument(
         "--quick",
         action="store_true",
-        help=f"short runs: {QUICK['steps']} fusion steps, {QUICK['text_steps']} text-stage and "
+        help=f"short runs: {QUICK['steps']} fusion steps ({QUICK['warmup_steps']} of warmup), "
+        f"{QUICK['text_steps']} text-stage and "
         f"{QUICK['clip_steps']} CLIP steps, evaluation every {QUICK['eval_every']} steps, "
         f"{QUICK['eval_count']} final held-out sequences per task (flags given explicitly win)",
     )
@@ -332,7 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --quick's settings of the recipes command.
-QUICK = {"steps": 100, "text_steps": 100, "clip_steps": 150, "eval_every": 25, "eval_count": 200}
+QUICK = {
+    "steps": 100,
+    "warmup_steps": 10,
+    "text_steps": 100,
+    "clip_steps": 150,
+    "eval_every": 25,
+    "eval_count": 200,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

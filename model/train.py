@@ -43,9 +43,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step, from step 1
     evals: list[dict] = field(default_factory=list)  # {"step": s, task: sequence accuracy}
     seconds: float = 0.0  # wall time of the steps run in this call
-    step_seconds: list[float] = field(
-        default_factory=list
-    )  # each step of this call, evals excluded
+    # wall time of each step of this call (the evaluations between steps excluded)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

@@ -7,6 +7,12 @@ media mask of the Mllama rule.
               resampler; F == 1 is an image); None or M = 0: a text-only batch (no <image> tokens),
               which skips the cross-attention blocks: the logits are the text model's alone
     -> logits [B, S, V]
+
+The recipes' variants (``model/recipes.py``) come from the config: ``connector="mlp"`` puts LLaVA-1.5's
+GELU + Linear after the projector, ``vision2_patch_size`` adds a second encoder whose features the one
+projector concatenates (``model.vision.MultiVisionEncoder``), and ``fusion="unified"`` builds
+``model.unified.UnifiedEmbeddingVLM`` (``build_vlm``), which splices the image tokens into the decoder's
+input instead.
 """
 
 from __future__ import annotations

@@ -378,3 +378,25 @@ def test_train_cli_builds_the_recipe_models_and_eval_generate_read_them(tmp_path
     argv = ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--warmup-steps", "1"]
     assert main([*argv, "--eval-every", "0", "--vision2-patch-size", "2", "--out", multi]) == 0
     assert isinstance(load_model(multi)[0].vision, MultiVisionEncoder)
+
+
+def test_unified_generate_takes_left_padded_prompts(tokenizer, data):
+    """Prompts of different lengths (left-padded) decode as each would alone."""
+    model = build_model(UNIFIED, tokenizer).eval()
+    batch = eval_batch("caption", data, tokenizer, 2)
+    long = batch.input_ids[:1, :3]  # <bos> <image> word
+    short = torch.cat([torch.tensor([[tokenizer.pad_id]]), batch.input_ids[1:2, :2]], dim=1)
+    out = generate(model, torch.cat([long, short]), batch.media, 2)
+    first = generate(model, long, batch.media[:1], 2)[0]
+    assert torch.equal(out[0, : first.shape[0]], first)
+    alone = generate(model, batch.input_ids[1:2, :2], batch.media[1:2], 2)[0]
+    assert torch.equal(out[1, 1 : 1 + alone.shape[0]], alone)
+
+
+def test_recipes_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipes", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--quick", "--recipe", "unified", "staged", "multi_encoder", "clip"):
+        assert word in text

@@ -25,7 +25,7 @@ from safetensors.torch import save
 
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
-from model.vlm import VisionLanguageModel
+from model.vlm import VisionLanguageModel, build_vlm
 
 MODEL_FILE = "model.safetensors"
 TRAIN_FILE = "train_state.safetensors"
@@ -91,7 +91,7 @@ def load_model(
         state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     config = ModelConfig.from_json(metadata["config"])
     config.backend = backend
-    model = VisionLanguageModel(config).to(device)
+    model = build_vlm(config).to(device)
     model.load_state_dict(state)
     return model, Tokenizer.from_json(metadata["tokenizer"])
 

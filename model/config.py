@@ -11,6 +11,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+FUSIONS = ("cross_attention", "unified")
+CONNECTORS = ("linear", "mlp")
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +56,24 @@ class ModelConfig:
     image_id: int = 3
     # which vlm_kernels backend the ops use: None = auto (or VLMK_BACKEND)
     backend: str | None = None
+    # the recipes of model/recipes.py (defaults: the Llama 3.2 Vision model above)
+    # fusion: "cross_attention" (gated cross-attention blocks read the image tokens) or "unified"
+    # (LLaVA: the projected image tokens replace each <image> token in the decoder's input; no
+    # cross-attention blocks)
+    fusion: str = "cross_attention"
+    # connector after the vk.concat_project projector: "linear" (the projector alone) or "mlp"
+    # (LLaVA-1.5: projector, GELU, Linear)
+    connector: str = "linear"
+    # a second vision encoder (0: none) of this patch size and width, its taps pooled to the first
+    # encoder's patch grid and concatenated channel-wise with the first's by the one projector
+    vision2_patch_size: int = 0
+    vision2_dim: int = 32
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
 
     @property
     def head_dim(self) -> int:

@@ -171,7 +171,12 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         every = config.cross_attention_every
         # layer index -> its cross-attention block (placed before that layer)
-        self.cross_layer_ids = [i for i in range(config.n_layers) if (i + 1) % every == 0]
+        # (fusion "unified": none; the image tokens come in through the input embeddings)
+        self.cross_layer_ids = [
+            i
+            for i in range(config.n_layers)
+            if (i + 1) % every == 0 and config.fusion == "cross_attention"
+        ]
         self.cross_layers = nn.ModuleList(
             GatedCrossAttentionBlock(config) for _ in self.cross_layer_ids
         )
@@ -210,8 +215,12 @@ class TextDecoder(nn.Module):
         input_pos: torch.Tensor | None = None,
         *,
         static_cache: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, L], media_mask [B, L, M] -> logits [B, L, V] (float32).
+
+        inputs_embeds [B, L, D]: the first layer's input in place of the embedded input_ids (which
+        may then be None): the unified-embedding (LLaVA) model's spliced text and image tokens.
 
         Text only (media_mask and image_kv None): the cross-attention blocks are skipped, so the
         decoder is exactly the text model alone. (With media, a token that sees none already passes
@@ -221,7 +230,7 @@ class TextDecoder(nn.Module):
         no cache. static_cache (with input_pos): self-attention reads the whole KV cache with the
         positions after input_pos masked: fixed shapes and no host sync, the form of a decode step
         that ``model.static_decode`` captures in a CUDA graph."""
-        length = input_ids.shape[1]
+        length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         if static_cache and input_pos is None:
             raise ValueError("static_cache=True decodes through the KV cache: pass input_pos")
         if input_pos is None:
@@ -234,7 +243,7 @@ class TextDecoder(nn.Module):
                 f"media_mask {'None' if media_mask is None else 'given'}, image_kv "
                 f"{'None' if image_kv is None else 'given'}"
             )
-        x = self.tok_embeddings(input_ids)  # (B, L, D)
+        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, D)
         cross = {}
         if media_mask is not None:
             # One media schedule per forward, shared by every cross-attention block.

@@ -32,7 +32,7 @@ from model.config import TrainConfig, preset
 from model.data import TASKS, Digits, TrainSampler, eval_batch
 from model.evaluate import predict, score_counts
 from model.tokenizer import Tokenizer
-from model.vlm import VisionLanguageModel
+from model.vlm import VisionLanguageModel, build_vlm
 
 
 @dataclass
@@ -43,6 +43,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step, from step 1
     evals: list[dict] = field(default_factory=list)  # {"step": s, task: sequence accuracy}
     seconds: float = 0.0  # wall time of the steps run in this call
+    # wall time of each step of this call (the evaluations between steps excluded)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -69,13 +71,15 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> VisionLanguageMode
         },
     )
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    return VisionLanguageModel(model_config)
+    return build_vlm(model_config)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings (dim >= 2), none on norms, biases and gates."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the parameters that require grad (a frozen part stays out); weight decay on
+    matrices and embeddings (dim >= 2), none on norms, biases and gates."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -184,8 +188,10 @@ class Trainer:
     """One training run: model, optimizer, data sampler and history; ``step()`` runs one optimizer step.
 
     ``resume``: a checkpoint directory of this run to continue from (weights, AdamW moments, RNG states,
-    step). Under an initialised process group the model is wrapped in DistributedDataParallel and each
-    rank takes its rows of every global batch."""
+    step). ``model``: the model to train in place of ``build_model``'s (one with pre-trained or
+    frozen parts: only the parameters that require grad are optimized). Under an initialised process
+    group the model is wrapped in DistributedDataParallel and each rank takes its rows of every
+    global batch."""
 
     def __init__(
         self,
@@ -193,6 +199,7 @@ class Trainer:
         *,
         resume: str | Path | None = None,
         device: torch.device | None = None,
+        model: VisionLanguageModel | None = None,
     ):
         self.rank, self.world = _distributed()
         self.device = device or default_device()
@@ -214,7 +221,9 @@ class Trainer:
             interleaved_images=config.interleaved_images,
             video_frames=config.video_frames,
         )
-        self.model = build_model(config, self.tokenizer).to(self.device)
+        if model is None:
+            model = build_model(config, self.tokenizer)
+        self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, config)
         self.result = TrainResult(self.model, self.tokenizer, config)
         self.step_count = 0
@@ -311,6 +320,7 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     device: torch.device | None = None,
+    model: VisionLanguageModel | None = None,
 ) -> TrainResult:
     """Trains ``config.steps`` steps (or continues the run saved in ``resume``), evaluating every
     ``eval_every`` steps, and saves the final checkpoint to ``out`` (also every ``checkpoint_every``
@@ -319,8 +329,8 @@ def train(
 
     ``resume``: ``config`` may change what RESUME_FIXED does not list: ``steps`` above the saved step
     extends the run (the cosine then spans the new length), the eval and checkpoint cadence apply
-    from the resumed step on."""
-    trainer = Trainer(config, resume=resume, device=device)
+    from the resumed step on. ``model``: as in ``Trainer``."""
+    trainer = Trainer(config, resume=resume, device=device, model=model)
     rank = trainer.rank
     if resume is not None and trainer.step_count >= config.steps:
         raise ValueError(
@@ -336,7 +346,9 @@ def train(
     )
     began = time.perf_counter()
     for _ in bar:
-        loss = trainer.step()
+        step_began = time.perf_counter()
+        loss = trainer.step()  # (ends in a host sync: it reads the loss back)
+        trainer.result.step_seconds.append(time.perf_counter() - step_began)
         done = trainer.step_count
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, done - 1):.2e}")
         evaluate = config.eval_every and done % config.eval_every == 0 and done != config.steps

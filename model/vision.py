@@ -7,6 +7,8 @@ mlp.fc1/mlp.fc2, norm).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,6 +89,11 @@ class VisionEncoder(nn.Module):
     def num_features(self) -> int:
         return 1 + len(self.taps)
 
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        """The last dim of each returned hidden state (what the projector concatenates)."""
+        return (self.norm.normalized_shape[0],) * self.num_features
+
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(pixels)  # (N, T, Dv)
         tapped = []
@@ -95,3 +102,45 @@ class VisionEncoder(nn.Module):
                 tapped.append(x)
             x = block(x)
         return [self.norm(x), *tapped]
+
+
+class MultiVisionEncoder(nn.Module):
+    """Two ViTs of different patch sizes and widths (the MoE-encoder recipe: concatenate the
+    encoders' features channel-wise): pixels -> the first encoder's hidden states, then the
+    second's, each [N, T, D_l] on the first encoder's token grid (the second's finer patch grid
+    average-pooled onto it; CLS kept), for one vk.concat_project projector over all of them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        second = dataclasses.replace(
+            config, patch_size=config.vision2_patch_size, vision_dim=config.vision2_dim
+        )
+        grid, grid2 = config.image_size // config.patch_size, config.image_size // second.patch_size
+        if config.image_size % second.patch_size or grid2 % grid:
+            raise ValueError(
+                f"vision2_patch_size={second.patch_size} must divide image_size={config.image_size}"
+                f" into a grid that is a multiple of the first encoder's {grid}x{grid} "
+                f"(patch_size={config.patch_size}), got {config.image_size / second.patch_size:g}"
+            )
+        self.first = VisionEncoder(config)
+        self.second = VisionEncoder(second)
+        self.grid, self.pool = grid, grid2 // grid
+
+    @property
+    def num_features(self) -> int:
+        return self.first.num_features + self.second.num_features
+
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        return self.first.feature_dims + self.second.feature_dims
+
+    def _to_first_grid(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, 1 + (g*pool)^2, D] -> [N, 1 + g^2, D]: patch tokens average-pooled pool x pool."""
+        cls, patches = hidden[:, :1], hidden[:, 1:]
+        side = self.grid * self.pool
+        patches = patches.transpose(1, 2).unflatten(-1, (side, side))  # (N, D, side, side)
+        patches = F.avg_pool2d(patches, self.pool).flatten(2).transpose(1, 2)  # (N, g*g, D)
+        return torch.cat([cls, patches], dim=1)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [*self.first(pixels), *(self._to_first_grid(h) for h in self.second(pixels))]

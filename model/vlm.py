@@ -7,6 +7,12 @@ media mask of the Mllama rule.
               resampler; F == 1 is an image); None or M = 0: a text-only batch (no <image> tokens),
               which skips the cross-attention blocks: the logits are the text model's alone
     -> logits [B, S, V]
+
+The recipes' variants (``model/recipes.py``) come from the config: ``connector="mlp"`` puts LLaVA-1.5's
+GELU + Linear after the projector, ``vision2_patch_size`` adds a second encoder whose features the one
+projector concatenates (``model.vision.MultiVisionEncoder``), and ``fusion="unified"`` builds
+``model.unified.UnifiedEmbeddingVLM`` (``build_vlm``), which splices the image tokens into the decoder's
+input instead.
 """
 
 from __future__ import annotations
@@ -19,21 +25,52 @@ import vlm_kernels as vk
 from model.config import ModelConfig
 from model.static_decode import StaticDecodeStep
 from model.text import ImageKV, TextDecoder
-from model.vision import VisionEncoder
+from model.vision import MultiVisionEncoder, VisionEncoder
 from vlm_kernels import nn as vkn
 
 IGNORE_INDEX = -100
 IMAGE_CACHE_MODES = ("kv", "states", "none")
 
 
+class MlpConnector(nn.Module):
+    """LLaVA-1.5's 2-layer MLP connector, its first layer the multi-layer projector over the
+    tapped vision features (vk.concat_project): features -> Linear(GELU(projector(features)))."""
+
+    def __init__(self, in_features: tuple[int, ...], dim: int, *, backend: str | None = None):
+        super().__init__()
+        self.projector = vkn.MultiLayerProjector(in_features, dim, backend=backend)
+        self.act = nn.GELU()
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.linear(self.act(self.projector(features)))
+
+
+def build_vlm(config: ModelConfig) -> VisionLanguageModel:
+    """The model ``config.fusion`` names: cross-attention (this file) or unified embedding
+    (``model.unified``)."""
+    if config.fusion == "unified":
+        from model.unified import UnifiedEmbeddingVLM
+
+        return UnifiedEmbeddingVLM(config)
+    return VisionLanguageModel(config)
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config)
-        self.multi_modal_projector = vkn.MultiLayerProjector(
-            [config.vision_dim] * self.vision.num_features, config.dim, backend=config.backend
+        self.vision = (
+            MultiVisionEncoder(config) if config.vision2_patch_size else VisionEncoder(config)
         )
+        if config.connector == "mlp":
+            self.multi_modal_projector = MlpConnector(
+                self.vision.feature_dims, config.dim, backend=config.backend
+            )
+        else:
+            self.multi_modal_projector = vkn.MultiLayerProjector(
+                self.vision.feature_dims, config.dim, backend=config.backend
+            )
         self.resampler = vkn.PerceiverResampler(
             dim=config.dim,
             depth=config.resampler_layers,
@@ -134,6 +171,11 @@ class VisionLanguageModel(nn.Module):
         """The image keys/values of every cross-attention block (computed once per prompt when decoding)."""
         image_states, media_len = self.encode_media(media)
         return self.decoder.compute_image_kv(image_states), media_len
+
+    def decoder_tokens(self, input_ids: torch.Tensor, media: torch.Tensor | None) -> int:
+        """Tokens per sequence that every decoder layer processes for this batch (the text alone:
+        the image tokens reach the decoder as the cross-attention blocks' keys/values)."""
+        return input_ids.shape[1]
 
     @staticmethod
     def text_only(media: torch.Tensor | None) -> bool:
@@ -280,6 +322,20 @@ def _generate(
 ) -> torch.Tensor:
     """``generate`` with the decode steps run as ``decode`` says (one of DECODE_MODES)."""
     c = model.config
+    if c.fusion == "unified":
+        from model.unified import generate_unified
+
+        return generate_unified(
+            model,
+            input_ids,
+            media,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            use_cache=use_cache,
+            generator=generator,
+            decode=decode,
+        )
     model.check_inputs(input_ids, media)
     batch, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens

@@ -30,6 +30,7 @@ from tests.attention_testing import (
 )
 from tests.devices import ON_CUDA, TEST_DEVICE
 from vlm_kernels.ops.image_text_attention import CPU_EMPTY_ROW_CODES, TABLE
+from vlm_kernels.ops.media_schedule import write_mean_rows
 from vlm_kernels.reference.image_text_attention import image_text_attention_reference
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -306,7 +307,7 @@ def triton_prefill_forward(q, k, v, mask, media_len, scale, empty_rows):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     ita._prefill_forward(q, k, v, mask, media_len, scale, empty_rows, out, lse)
-    ita._write_mean_rows(v, mask, out, lse)
+    write_mean_rows(v, mask, out, lse)
     return out, lse
 
 
@@ -392,7 +393,7 @@ def test_triton_every_config_matches_reference(width, index):
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), device=q.device)
             ita._decode_forward(q, k, v, mask, media_len, scale, empty_rows, out, lse, 3)
-            ita._write_mean_rows(v, mask, out, lse)
+            write_mean_rows(v, mask, out, lse)
             return out, lse
 
         check_mean_against_reference(decode, decode_forward)
@@ -425,22 +426,42 @@ def test_triton_decode_path_does_no_host_sync(monkeypatch, query_len):
     assert (~mask.any(-1)).any(), "the inputs must hold a mean row"
 
 
-# ---- backends without the mode, and mode errors ------------------------------------------------------
+# ---- CUDA (through the SIMT emulator here) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", sorted({"cuda", "cuda_sim"} & set(TABLE.forward)))
-def test_cuda_backends_reject_mean_by_name(backend):
-    q, k, v = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64)
-    mask = torch.ones(1, 4, 1, dtype=torch.bool)
-    lse = torch.zeros(1, 1, 4)
-    message = rf"'{backend}' backend does not implement empty_rows='mean'"
-    with pytest.raises(ValueError, match=message):
-        TABLE.forward[backend](q, k, v, mask, 4, 0.125, "mean")
-    with pytest.raises(ValueError, match=message):
-        TABLE.backward[backend](q, q, k, v, mask, q, lse, 4, 0.125, "mean")
-    if backend == "cuda_sim":  # runs CPU tensors: the public op reaches the kernel wrapper
-        with pytest.raises(ValueError, match=message):
-            vk.image_text_attention(q, k, v, mask, media_len=4, empty_rows="mean", backend=backend)
+@pytest.mark.parametrize("query_len", [5, 40])
+def test_cuda_backends_run_mean_rows(backend, query_len):
+    """The CUDA kernels run "mean" rows as "zero" rows and the glue fills them (out = mean of v,
+    lse = log(Lk); dv += their dO / Lk): forward, lse and gradients equal the float64 spec, through
+    the public op with autograd (prefill and, at Lq = 5, the split-KV decode kernel)."""
+    if backend == "cuda" and not ON_CUDA:
+        pytest.skip("the cuda backend runs CUDA tensors")
+    if backend == "cuda_sim" and ON_CUDA:
+        pytest.skip("cuda_sim runs CPU tensors")
+    device = "cpu" if backend == "cuda_sim" else TEST_DEVICE
+    attention = _make((1, query_len, 4, 2, 64, 3, 5, F32, "random", False), device=device)
+    leaves = [t.detach().clone().requires_grad_() for t in (attention.q, attention.k, attention.v)]
+    mask = attention.media_mask
+    assert (~mask.any(-1)).any(), "the inputs must hold a mean row"
+    out = vk.image_text_attention(*leaves, mask, media_len=5, empty_rows="mean", backend=backend)
+    cotangent = torch.randn_like(out)
+    grads = torch.autograd.grad((out * cotangent).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = flamingo_spec(*leaves64, mask, 5, 64**-0.5)
+    expected_grads = torch.autograd.grad((expected * cotangent.double()).sum(), leaves64)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for name, ours, theirs in zip("qkv", grads, expected_grads, strict=True):
+        err = (ours.double() - theirs).abs().max().item()
+        assert err <= 1e-5 * (1 + theirs.abs().max().item()), f"d{name}: max error {err:.2e}"
+    _, lse = TABLE.forward[backend](*(t.detach() for t in leaves), mask, 5, 64**-0.5, "mean")
+    empty = ~mask.any(-1)
+    assert torch.equal(
+        lse.transpose(1, 2)[empty], torch.full_like(lse.transpose(1, 2)[empty], math.log(15))
+    )
+
+
+# ---- mode errors ---------------------------------------------------------------------------------------
 
 
 def test_mode_errors_name_the_modes():

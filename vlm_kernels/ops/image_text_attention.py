@@ -26,7 +26,7 @@ from vlm_kernels._checks import (
     check_tensor,
 )
 from vlm_kernels.ops._registry import kernel_table
-from vlm_kernels.ops.media_schedule import MediaSchedule
+from vlm_kernels.ops.media_schedule import MediaSchedule, add_mean_rows_grad, write_mean_rows
 from vlm_kernels.reference.image_text_attention import (
     image_text_attention_backward_reference,
     image_text_attention_reference,
@@ -35,7 +35,6 @@ from vlm_kernels.reference.image_text_attention import (
 EMPTY_ROW_MODES = ("zero", "uniform", "mean")
 # The modes the CUDA kernels implement; "mean" (OpenFlamingo's all-previous-media rule) raises there
 # (never a silent fallback). The reference, CPU and Triton backends implement every mode.
-CUDA_EMPTY_ROW_MODES = ("zero", "uniform")
 # The C++ CPU kernels' empty_rows codes (enum EmptyRows in csrc/cpu/image_text_attention.h).
 CPU_EMPTY_ROW_CODES = {"zero": 0, "uniform": 1, "mean": 2}
 TABLE = kernel_table("image_text_attention")
@@ -322,16 +321,6 @@ image_text_attention_op.register_autograd(_backward, setup_context=_setup_contex
 # ---- kernels, one entry per backend -------------------------------------------------------------------
 
 
-def _check_cuda_mode(backend: str, empty_rows: str) -> None:
-    """The CUDA kernels implement ``CUDA_EMPTY_ROW_MODES``; another mode raises, naming both."""
-    if empty_rows not in CUDA_EMPTY_ROW_MODES:
-        raise ValueError(
-            f"image_text_attention: the {backend!r} backend does not implement empty_rows="
-            f"{empty_rows!r} (it implements {CUDA_EMPTY_ROW_MODES}); use backend='triton', 'cpu' "
-            f"or 'reference' for this mode"
-        )
-
-
 def _forward_reference(q, k, v, media_mask, media_len, scale, empty_rows):
     out, lse = image_text_attention_reference(
         q,
@@ -363,35 +352,36 @@ def _backward_reference(grad_out, q, k, v, media_mask, out, lse, media_len, scal
 
 
 def _compiled_forward(function_name: str):
-    """A forward kernel of vlm_kernels._C (head dims 64/80/96/128)."""
-    backend = "cuda_sim" if function_name.endswith("cuda_sim") else "cuda"
+    """A forward kernel of vlm_kernels._C (head dims 64/80/96/128). The kernels implement "zero" and
+    "uniform"; "mean" rows run as "zero" rows, then ``write_mean_rows`` (device ops) fills them."""
 
     def kernel(q, k, v, media_mask, media_len, scale, empty_rows):
-        _check_cuda_mode(backend, empty_rows)
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
             )
         function = getattr(_extension()[0], function_name)
-        return function(q, k, v, media_mask, media_len, scale, empty_rows == "uniform")
+        out, lse = function(q, k, v, media_mask, media_len, scale, empty_rows == "uniform")
+        if empty_rows == "mean" and k.shape[1] > 0:
+            write_mean_rows(v, media_mask, out, lse)
+        return out, lse
 
     kernel.__name__ = function_name
     return kernel
 
 
 def _compiled_backward(function_name: str):
-    """A backward kernel of vlm_kernels._C (head dims 64/80/96/128)."""
-    backend = "cuda_sim" if function_name.endswith("cuda_sim") else "cuda"
+    """A backward kernel of vlm_kernels._C (head dims 64/80/96/128); "mean" rows as in the forward:
+    "zero" rows for the kernels, then ``add_mean_rows_grad`` adds their only gradient (to dv)."""
 
     def kernel(grad_out, q, k, v, media_mask, out, lse, media_len, scale, empty_rows):
-        _check_cuda_mode(backend, empty_rows)
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             raise ValueError(
                 f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
             )
         grad_out, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (grad_out, out))
         function = getattr(_extension()[0], function_name)
-        return function(
+        dq, dk, dv = function(
             grad_out,
             q,
             k,
@@ -403,6 +393,9 @@ def _compiled_backward(function_name: str):
             scale,
             empty_rows == "uniform",
         )
+        if empty_rows == "mean" and k.shape[1] > 0:
+            add_mean_rows_grad(grad_out, media_mask, dv)
+        return dq, dk, dv
 
     kernel.__name__ = function_name
     return kernel

@@ -37,6 +37,8 @@ read for the wrong block size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vlm_kernels._checks import check_tensor
@@ -50,6 +52,30 @@ def effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
     if empty_rows == "uniform":
         return media_mask | ~media_mask.any(-1, keepdim=True)
     return media_mask
+
+
+def write_mean_rows(
+    v: torch.Tensor, media_mask: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """The "mean" rows (no visible chunk; ``media_mask`` may be a schedule's kernel mask, the same
+    tensor for this mode): out = mean of all values of the row's kv head, in float32, lse = log(Lk).
+    For kernels that ran such rows as "zero" rows (Triton, CUDA): device ops, no host sync."""
+    keys, heads_kv = v.shape[1], v.shape[2]
+    empty = ~media_mask.any(-1)  # [B, Lq]
+    mean = v.mean(1, dtype=torch.float32).repeat_interleave(out.shape[2] // heads_kv, 1)
+    out.copy_(torch.where(empty[:, :, None, None], mean[:, None].to(out.dtype), out))
+    lse.masked_fill_(empty[:, None, :], math.log(keys))
+
+
+def add_mean_rows_grad(grad_out: torch.Tensor, media_mask: torch.Tensor, dv: torch.Tensor) -> None:
+    """dv[b, j, hk] += (sum of dO over the "mean" rows of hk's query heads) / Lk for every key j:
+    a mean row's output is sum_j v[j] / Lk; its constant scores give q and k nothing."""
+    batch, keys, heads_kv, head_dim = dv.shape
+    empty = ~media_mask.any(-1)  # [B, Lq]
+    # dO * 0/1 is exact in any dtype; the sum over rows and heads runs in float32.
+    row_sum = (grad_out * empty[:, :, None, None]).sum(1, dtype=torch.float32)  # [B, Hq, Dh]
+    per_kv = row_sum.view(batch, heads_kv, -1, head_dim).sum(2) / keys  # [B, Hkv, Dh]
+    dv.add_(per_kv[:, None])  # computed in float32, one rounding to dv's dtype
 
 
 def one_block_schedule(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ empty_rows="mean" (OpenFlamingo's all-previous-media mode: the row's scores are 
 softmax is uniform whatever q and k are) the kernels run such rows as "zero" rows, then device torch
 ops (no host sync: the decode path stays graph-capturable) write their output, mean_j v[b, j], and
 lse = log(Lk) in the forward, and add their only gradient, dv[b, j] += sum of their dO / Lk, to dv in
-the backward (``_write_mean_rows``, ``_add_mean_rows_grad``).
+the backward (``write_mean_rows``, ``add_mean_rows_grad`` of ``ops.media_schedule``, which the
+CUDA backend uses too).
 
 Chunk skipping. ``block_chunk_schedule_triton(media_mask, BLOCK_M)`` (or a ``vk.MediaSchedule``'s
 cached copy, passed in by the op) lists, per block of BLOCK_M query
@@ -62,14 +63,19 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from vlm_kernels.ops.media_schedule import block_visibility, effective_mask, one_block_schedule
+from vlm_kernels.ops.media_schedule import (
+    add_mean_rows_grad,
+    block_visibility,
+    effective_mask,
+    one_block_schedule,
+    write_mean_rows,
+)
 from vlm_kernels.triton._launch import declare_configs, forced_config, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
 from vlm_kernels.triton.block_chunk_schedule import block_chunk_schedule_triton
@@ -1092,29 +1098,8 @@ def image_text_attention_fwd_triton(
     path = _decode_forward if query_len <= DECODE_MAX_QUERY_LEN else _prefill_forward
     path(q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=schedule)
     if empty_rows == "mean":
-        _write_mean_rows(v, media_mask, out, lse)
+        write_mean_rows(v, media_mask, out, lse)
     return out, lse
-
-
-def _write_mean_rows(v, media_mask, out, lse) -> None:
-    """The "mean" rows (no visible chunk; ``media_mask`` may be a schedule's kernel mask, the same
-    tensor for this mode): out = mean of all values of the row's kv head, in float32, lse = log(Lk)."""
-    keys, heads_kv = v.shape[1], v.shape[2]
-    empty = ~media_mask.any(-1)  # [B, Lq]
-    mean = v.mean(1, dtype=torch.float32).repeat_interleave(out.shape[2] // heads_kv, 1)
-    out.copy_(torch.where(empty[:, :, None, None], mean[:, None].to(out.dtype), out))
-    lse.masked_fill_(empty[:, None, :], math.log(keys))
-
-
-def _add_mean_rows_grad(grad_out, media_mask, dv) -> None:
-    """dv[b, j, hk] += (sum of dO over the "mean" rows of hk's query heads) / Lk for every key j:
-    a mean row's output is sum_j v[j] / Lk; its constant scores give q and k nothing."""
-    batch, keys, heads_kv, head_dim = dv.shape
-    empty = ~media_mask.any(-1)  # [B, Lq]
-    # dO * 0/1 is exact in any dtype; the sum over rows and heads runs in float32.
-    row_sum = (grad_out * empty[:, :, None, None]).sum(1, dtype=torch.float32)  # [B, Hq, Dh]
-    per_kv = row_sum.view(batch, heads_kv, -1, head_dim).sum(2) / keys  # [B, Hkv, Dh]
-    dv.add_(per_kv[:, None])  # computed in float32, one rounding to dv's dtype
 
 
 def heaviest_first(chunk_count: torch.Tensor) -> torch.Tensor:
@@ -1330,7 +1315,7 @@ def image_text_attention_bwd_triton(
     )
     if empty_rows == "mean" and dv.numel() > 0 and q.shape[1] > 0:
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        _add_mean_rows_grad(grad_out, media_mask, dv)
+        add_mean_rows_grad(grad_out, media_mask, dv)
     return dq, dk, dv
 
 

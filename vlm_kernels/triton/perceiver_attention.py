@@ -537,10 +537,10 @@ def _check_runnable(q: torch.Tensor) -> None:
             "perceiver_attention (triton): q, k_media, v_media, k_latents, v_latents must be "
             f"float32, bfloat16 or float16, got {q.dtype}"
         )
-    if q.shape[-1] > MAX_HEAD_DIM:
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(
-            f"perceiver_attention (triton): head dim Dh={q.shape[-1]} (q {tuple(q.shape)}) is over "
-            f"the largest supported, {MAX_HEAD_DIM}"
+            f"perceiver_attention (triton): head dim Dh={q.shape[-1]} (q {tuple(q.shape)}) is "
+            f"outside the supported 1..{MAX_HEAD_DIM}"
         )
 
 
@@ -576,8 +576,8 @@ def perceiver_attention_fwd_triton(
     num_media, heads_kv = k_media.shape[1], k_media.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, num_latents), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf") if num_latents == 0 or head_dim == 0 else 0.0)
+    if out.numel() == 0:  # no batch, head or latent: lse is empty too (Dh >= 1 is checked)
+        return out, lse
     pad, stride_pad_b, stride_pad_t, has_padding = _padding_args(media_padding_mask, q)
     args = (
         q,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453  # ln(2): log2 units back to natural log
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log2 units back to natural log
 
 
 def float32_backward_precision() -> str:
@@ -130,19 +130,28 @@ def dkdv_step(
     dk,  # [N, BLOCK_D] float32 accumulator (unscaled: times scale at the end)
     dv,  # [N, BLOCK_D] float32 accumulator
     q_t,  # [BLOCK_D, R] queries of one block, transposed
-    grad_out,  # [R, BLOCK_D] their output cotangents
     lse,  # [R] float32: the rows' lse in log2 units
-    delta,  # [R] float32: rowsum(dO * O)
+    grad_base,  # the output cotangents' slab (batch and query head applied)
+    rows,  # [R] int64: the block's rows in the slab
+    stride_gt,
+    offs_d,
+    row_in,  # [R] bool: rows in range
+    d_in,
+    delta_ptrs,  # [R] pointers to the rows' rowsum(dO * O), float32
     visible_t,  # bool, broadcastable to [N, R]
     qk_scale,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One query block's contribution to a key tile's dk and dv: P^T = exp2(s^T - lse),
-    dv += P^T dO, dS^T = P^T (V dO^T - delta), dk += dS^T Q. Returns ``(dk, dv, ds_t)`` (``ds_t``
-    for a caller that also forms this block's dq share)."""
+    dv += P^T dO, dS^T = P^T (V dO^T - delta), dk += dS^T Q. dO and delta are loaded here, each just
+    before its first use (loading them ahead of the scores' dot cost the float32 single-pass dk/dv
+    kernel of image_text_attention a 4-byte spill on sm_90a at Dh=128). Returns ``(dk, dv, ds_t)``
+    (``ds_t`` for a caller that also forms this block's dq share)."""
     scores_t = tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale  # [N, R]
     p_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
+    grad_out = load_rows(grad_base, rows, stride_gt, offs_d, row_in, d_in)
     dv += tl.dot(p_t.to(grad_out.dtype), grad_out, input_precision=INPUT_PRECISION)
+    delta = tl.load(delta_ptrs, mask=row_in, other=0.0)
     dp_t = tl.dot(v, tl.trans(grad_out), input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION)

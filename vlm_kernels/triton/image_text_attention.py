@@ -517,15 +517,6 @@ def _bwd_dkdv_kernel(
         )
         row_stats = (batch * heads_q + head) * Lq + rows64
         lse = tl.load(lse_ptr + row_stats, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
-        grad_out = load_rows(
-            grad_out_ptr + batch * stride_gb + head * stride_gh,
-            rows64,
-            stride_gt,
-            offs_d,
-            row_in,
-            d_in,
-        )
-        delta = tl.load(delta_ptr + row_stats, mask=row_in, other=0.0)
         # A row that sees nothing has lse = -inf but row_sees = 0: the step's where drops its inf.
         dk, dv, ds_t = dkdv_step(
             k,
@@ -533,9 +524,14 @@ def _bwd_dkdv_kernel(
             dk,
             dv,
             q_t,
-            grad_out,
             lse,
-            delta,
+            grad_out_ptr + batch * stride_gb + head * stride_gh,
+            rows64,
+            stride_gt,
+            offs_d,
+            row_in,
+            d_in,
+            delta_ptr + row_stats,
             key_in[:, None] & row_sees[None, :],
             qk_scale,
             INPUT_PRECISION,

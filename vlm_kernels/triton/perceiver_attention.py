@@ -338,26 +338,22 @@ def _bwd_dkdv_kernel(
         q_t = load_rows_t(
             q_ptr + batch * stride_qb + head * stride_qh, rows, stride_qt, offs_d, row_in, d_in
         )
-        grad_out = load_rows(
-            grad_out_ptr + batch * stride_gb + head * stride_gh,
-            rows,
-            stride_gt,
-            offs_d,
-            row_in,
-            d_in,
-        )
         row_stats = (batch * heads_q + head) * Nl + rows
         lse = tl.load(lse_ptr + row_stats, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
-        delta = tl.load(delta_ptr + row_stats, mask=row_in, other=0.0)
         dk, dv, _ = dkdv_step(
             k,
             v,
             dk,
             dv,
             q_t,
-            grad_out,
             lse,
-            delta,
+            grad_out_ptr + batch * stride_gb + head * stride_gh,
+            rows,
+            stride_gt,
+            offs_d,
+            row_in,
+            d_in,
+            delta_ptr + row_stats,
             key_visible[:, None] & row_in[None, :],
             qk_scale,
             INPUT_PRECISION,

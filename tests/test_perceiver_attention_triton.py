@@ -308,31 +308,59 @@ def _shape(constexprs, num_warps, num_stages):
 
 
 def test_configs_are_declared_and_registered_for_the_compile_report():
-    """Per kernel and element type, the compile report gets every config the launchers can run at
-    Dh=128 (with and without the padding mask) and the first at Dh 64 and 80; the float32 backward
-    once more with TF32 dots."""
+    """Per kernel and element type, the compile report gets every config the launchers can run, at
+    Dh 64, 80 and 128, with and without the padding mask; the float32 backward once more with TF32
+    dots (its own list where it has one)."""
     declared = triton_config_counts()
     for name in pa._CONFIGS:
-        assert declared[name] == max(len(configs) for configs in pa._CONFIGS[name].values())
-        for label, width in (("bf16", 2), ("fp32", 4)):
-            configs = [
-                _shape(c.kwargs, c.num_warps, c.num_stages) for c in pa._CONFIGS[name][width]
-            ]
-            entry = REGISTRY.get(f"{name}[{label},d128]")
-            assert [
-                _shape(c.constexprs, c.num_warps, c.num_stages) for c in entry.configs
-            ] == configs
-            for head_dim in (64, 80):
-                entry = REGISTRY.get(f"{name}[{label},d{head_dim}]")
-                assert [_shape(c.constexprs, c.num_warps, c.num_stages) for c in entry.configs] == (
-                    configs[:1]
-                )
+        lists = [*pa._CONFIGS[name].values(), pa._TF32_CONFIGS.get(name, ())]
+        assert declared[name] == max(len(configs) for configs in lists)
+        variants = [("bf16", BF16, None), ("fp32", F32, None)]
         if name in ("perceiver_attention_bwd_dkdv", "perceiver_attention_bwd_dq"):
-            entry = REGISTRY.get(f"{name}[fp32tf32,d128]")
-            assert all(c.constexprs["INPUT_PRECISION"] == "tf32" for c in entry.configs)
-        if name != "perceiver_attention_bwd_preprocess":
-            entry = REGISTRY.get(f"{name}[bf16,d128,nopad]")
-            assert all(c.constexprs["HAS_PADDING"] is False for c in entry.configs)
+            variants.append(("fp32tf32", F32, "tf32"))
+        for label, dtype, precision in variants:
+            configs = pa.kernel_configs(dtype, precision)[name]
+            expected = [_shape(c.kwargs, c.num_warps, c.num_stages) for c in configs]
+            suffixes = ("",) if name == "perceiver_attention_bwd_preprocess" else ("", ",nopad")
+            for head_dim in (64, 80, 128):
+                for suffix in suffixes:
+                    entry = REGISTRY.get(f"{name}[{label},d{head_dim}{suffix}]")
+                    shapes = [
+                        _shape(c.constexprs, c.num_warps, c.num_stages) for c in entry.configs
+                    ]
+                    assert shapes == expected, (name, label, head_dim, suffix)
+                    flags = {c.constexprs.get("HAS_PADDING", True) for c in entry.configs}
+                    assert flags == {suffix == ""}
+                    if precision is not None and "INPUT_PRECISION" in entry.configs[0].constexprs:
+                        assert {c.constexprs["INPUT_PRECISION"] for c in entry.configs} == {"tf32"}
+
+
+def test_float32_backward_honours_pytorch_tf32_setting(monkeypatch):
+    """float32 backward dots are FMA unless PyTorch allows TF32 for float32 matmuls; with TF32 the
+    dq kernel runs its own tile list (no shape compiled spill-free with both). The interpreter
+    computes float32 either way: the test reads what each launch was given, and checks the outputs."""
+    passed = {}
+
+    def spy(name, kernel, configs, grid, args, **kwargs):
+        passed[name] = (kwargs.get("INPUT_PRECISION"), configs)
+        return launch(name, kernel, configs, grid, args, **kwargs)
+
+    launch = pa.launch
+    monkeypatch.setattr(pa, "launch", spy)
+    inputs = make_inputs(1, 20, 8, 4, 2, 64, F32)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    for precision in ("ieee", "tf32"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        try:
+            check_against_reference(inputs, padding_mask(1, 20, "random"))
+        finally:
+            torch.backends.cuda.matmul.fp32_precision = saved
+        assert passed["perceiver_attention_bwd_dkdv"][0] == precision
+        assert passed["perceiver_attention_bwd_dq"] == (
+            precision,
+            pa.kernel_configs(F32, precision)["perceiver_attention_bwd_dq"],
+        )
+        assert passed["perceiver_attention_fwd"][0] == "tf32x3"
 
 
 # ---- through the op -------------------------------------------------------------------------------------

@@ -475,47 +475,68 @@ def _bwd_dq_kernel(
 # ---- configs ------------------------------------------------------------------------------------------
 
 
-def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
-    """One config per ``(BLOCK_N, num_warps, num_stages)``, with the constexprs ``fixed``."""
-    return tuple(
-        triton.Config({**fixed, "BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages
     )
 
 
 # Per kernel and input width (bytes per element), the configs its launcher runs: under the
 # interpreter the first (or the one a test forces), on a GPU the autotuner's pick. Every config is
-# compiled by the compile report for sm_80 and sm_90a (registered at the bottom) and must spill
-# nothing there under Triton 3.8 and 3.6. float32 keeps float32-grade products (3xTF32 forward, FMA
-# or TF32 backward), whose operands take two to four times the registers: small tiles.
+# compiled by the compile report for sm_80 and sm_90a at Dh 64/80/128, with and without the padding
+# mask (registered at the bottom), and spills nothing there under Triton 3.8 and 3.6. float32 keeps
+# float32-grade products (3xTF32 forward, FMA or TF32 backward), whose operands take two to four times
+# the registers of 16-bit ones: small tiles. Shapes that spilled under Triton 3.8 (bytes of spill
+# stores; "pad"/"nopad": with/without the mask), as (BLOCK_M, BLOCK_N, warps, stages):
+# - forward, 16-bit: (128, 64, 8, 2) 32 B on sm_80 at Dh=80; (64, 64, 4, 3) 12 B on sm_80 at Dh=64.
+#   (64, 128, 8, 1) compiles at 255 registers: left out, no room for the next Triton.
+# - forward, float32: (32, 32, 8, 1) 48 B on sm_80 at Dh=80; (32, 16, 4, 1) 8-132 B on both archs;
+#   (16, 16, 4, 1) 8 B on sm_80 at Dh=80.
+# - dq, 16-bit: (64, 64, 8, 2) 8 B on sm_80 at Dh=64.
+# - dq, float32 with FMA dots: every 4-warp shape tried, (32, 16), (16, 16), (16, 32), 4-772 B on
+#   sm_90a at Dh 80/128 (two key loops: ptxas keeps more live than image_text_attention's one), and
+#   (32, 32, 8, 1) 4-480 B; (32, 16, 8, 1) compiles at 89 registers at most. With TF32 dots that one
+#   spilled 8-72 B, and (16, 16, 4, 1) compiles at 196 registers at most: a list per precision.
+# - dk/dv, float32: (16, 32, 4, 1) 8 B on sm_80 at Dh=64 (FMA); (16, 32, 4, 2) compiles with both.
 _CONFIGS = {
     "perceiver_attention_fwd": {
-        2: _configs((64, 4, 2), (32, 4, 3), (128, 8, 1), BLOCK_M=64),
-        4: _configs((32, 8, 1), (16, 8, 1), BLOCK_M=32),
+        2: (_config(64, 64, 8, 2), _config(64, 64, 4, 2), _config(64, 32, 4, 3)),
+        4: (_config(32, 16, 8, 1), _config(16, 32, 4, 1)),
     },
     "perceiver_attention_bwd_preprocess": {
         2: (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),),
         4: (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),),
     },
     "perceiver_attention_bwd_dkdv": {
-        2: _configs((32, 4, 2), (64, 8, 2), (128, 8, 2), BLOCK_M=16),
-        4: _configs((32, 4, 2), BLOCK_M=16),
+        2: (_config(16, 32, 4, 2), _config(16, 64, 8, 2), _config(16, 128, 8, 2)),
+        4: (_config(16, 32, 4, 2),),
     },
     "perceiver_attention_bwd_dq": {
-        2: _configs((32, 4, 2), (64, 8, 2), (32, 4, 3), BLOCK_M=64),
-        4: _configs((16, 4, 1), BLOCK_M=32),
+        2: (_config(64, 32, 4, 2), _config(64, 32, 4, 3)),
+        4: (_config(32, 16, 8, 1),),  # FMA dots (the default)
     },
 }
+# float32 inputs with TF32 backward dots (``float32_backward_precision``): these lists instead.
+_TF32_CONFIGS = {"perceiver_attention_bwd_dq": (_config(16, 16, 4, 1),)}
 _FWD_PRECISION = {2: "tf32", 4: "tf32x3"}  # 16-bit dots ignore it
 # Tuned once per bucket: each int rounded up to a power of two (``_launch.tuning_key``), plus dtypes.
 _TUNE_KEY = ("Nl", "Nm", "HEAD_DIM", "INPUT_PRECISION")
 
 for _name, _lists in _CONFIGS.items():
-    declare_configs(_name, *_lists.values())
+    declare_configs(
+        _name, *_lists.values(), *([_TF32_CONFIGS[_name]] if _name in _TF32_CONFIGS else [])
+    )
 
 
-def kernel_configs(dtype: torch.dtype) -> dict[str, tuple[triton.Config, ...]]:
-    """Per kernel name, the config list its launcher uses for inputs of ``dtype``."""
-    return {name: lists[dtype.itemsize] for name, lists in _CONFIGS.items()}
+def kernel_configs(
+    dtype: torch.dtype, precision: str | None = None
+) -> dict[str, tuple[triton.Config, ...]]:
+    """Per kernel name, the config list its launcher uses for inputs of ``dtype`` (and, for float32,
+    backward dots at ``precision``: ``"tf32"`` takes ``_TF32_CONFIGS``)."""
+    configs = {name: lists[dtype.itemsize] for name, lists in _CONFIGS.items()}
+    if dtype == torch.float32 and precision == "tf32":
+        configs |= _TF32_CONFIGS
+    return configs
 
 
 # ---- launchers ---------------------------------------------------------------------------------------
@@ -553,7 +574,8 @@ def _padding_args(media_padding_mask, q) -> tuple[torch.Tensor, int, int, bool]:
 
 
 def _launch(name, kernel, dtype, grid, args, **constexprs) -> None:
-    launch(name, kernel, kernel_configs(dtype)[name], grid, args, tune_key=_TUNE_KEY, **constexprs)
+    configs = kernel_configs(dtype, constexprs.get("INPUT_PRECISION"))[name]
+    launch(name, kernel, configs, grid, args, tune_key=_TUNE_KEY, **constexprs)
 
 
 def perceiver_attention_fwd_triton(
@@ -713,10 +735,12 @@ def perceiver_attention_bwd_triton(
 # ---- ahead-of-time compile report ---------------------------------------------------------------------
 
 # Compiled by `python -m vlm_kernels.tools.gpu_report` for sm_80 and sm_90a, per kernel and element
-# type (bf16 stands for both 16-bit types): every config at Dh=128 (BLOCK_D 128, the most registers)
-# and the first config at Dh 64 and 80 (80: BLOCK_D 128 with masked loads); with and without the
-# padding mask at Dh=128. The float32 backward compiles once more with TF32 dots ("fp32tf32"). The JIT
-# sees 16-byte aligned buffers, int32 sizes and tensor strides that are multiples of 16 (Dh is).
+# type (bf16 stands for both 16-bit types): every config at Dh 64, 80 and 128, with and without the
+# padding mask ("nopad"): the spills measured here depended on all three (a shape clean at Dh=128
+# spilled at Dh=80, or only without the mask), so no variant is left to chance. The float32 backward
+# compiles once more with TF32 dots ("fp32tf32"). The JIT sees 16-byte aligned buffers, int32 sizes
+# and tensor strides that are multiples of 16 (Dh is).
+AOT_HEAD_DIMS = (64, 80, 128)
 _AOT_WIDTHS = {"bf16": 2, "fp32": 4}
 _SEGMENT_STRIDES = (
     "stride_qb stride_qt stride_qh stride_kmb stride_kmt stride_kmh stride_vmb stride_vmt "
@@ -769,6 +793,8 @@ def _register_aot() -> None:
             variants.append(("fp32tf32", "fp32", 4, "tf32"))
         for label, dtype, width, precision in variants:
             configs = _CONFIGS[name][width]
+            if precision == "tf32":
+                configs = _TF32_CONFIGS.get(name, configs)
             constexprs = {}
             if "INPUT_PRECISION" in params:
                 default = _bwd_precision_label(width) if backward else _FWD_PRECISION[width]
@@ -776,16 +802,13 @@ def _register_aot() -> None:
             paddings = (True, False) if "HAS_PADDING" in params else (None,)
             for has_padding in paddings:
                 flags = {} if has_padding is None else {"HAS_PADDING": has_padding}
-                suffix = "" if has_padding in (None, True) else ",nopad"
-                head_dims = [(128, configs)]
-                if has_padding in (None, True):
-                    head_dims += [(64, configs[:1]), (80, configs[:1])]
-                for head_dim, variant_configs in head_dims:
+                suffix = ",nopad" if has_padding is False else ""
+                for head_dim in AOT_HEAD_DIMS:
                     register_aot(
                         kernel,
                         name=f"{name}[{label},d{head_dim}{suffix}]",
                         signature=_aot_signature(kernel, dtype, data, aligned),
-                        configs=variant_configs,
+                        configs=configs,
                         constexprs={**constexprs, **flags, **_head_dim_meta(head_dim)},
                     )
 

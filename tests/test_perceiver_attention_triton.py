@@ -393,6 +393,14 @@ def test_bad_inputs_are_rejected():
         pa.perceiver_attention_fwd_triton(*inputs, None, 0.1)
 
 
+def test_no_media_tokens():
+    """Nm = 0 (an empty media segment, with or without a [B, 0] mask): the latents attend to
+    themselves; the media gradients are empty."""
+    inputs = make_inputs(2, 0, 8, 4, 2, 64, F32)
+    for mask in (None, torch.zeros(2, 0, dtype=torch.bool, device=TEST_DEVICE)):
+        check_against_reference(inputs, mask)
+
+
 def test_empty_latents():
     inputs = make_inputs(2, 5, 0, 4, 2, 64, F32)
     out, lse = forward(*inputs, None, 0.125)

@@ -486,8 +486,8 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 # compiled by the compile report for sm_80 and sm_90a at Dh 64/80/128, with and without the padding
 # mask (registered at the bottom), and spills nothing there under Triton 3.8 and 3.6. float32 keeps
 # float32-grade products (3xTF32 forward, FMA or TF32 backward), whose operands take two to four times
-# the registers of 16-bit ones: small tiles. Shapes that spilled under Triton 3.8 (bytes of spill
-# stores; "pad"/"nopad": with/without the mask), as (BLOCK_M, BLOCK_N, warps, stages):
+# the registers of 16-bit ones: small tiles. Shapes that spilled under Triton 3.8 unless said (bytes
+# of spill stores, with or without the mask), as (BLOCK_M, BLOCK_N, warps, stages):
 # - forward, 16-bit: (128, 64, 8, 2) 32 B on sm_80 at Dh=80; (64, 64, 4, 3) 12 B on sm_80 at Dh=64.
 #   (64, 128, 8, 1) compiles at 255 registers: left out, no room for the next Triton.
 # - forward, float32: (32, 32, 8, 1) 48 B on sm_80 at Dh=80; (32, 16, 4, 1) 8-132 B on both archs;

@@ -86,7 +86,7 @@ gpu-report-triton36: $(VENV36)/.installed
 		--json build/gpu_report_triton36.json --log-dir build/ptxas-triton36
 	$(VENV36)/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) \
 		tests/test_triton_launch.py tests/test_triton_block_chunk_schedule.py \
-		tests/test_image_text_attention_triton.py \
+		tests/test_image_text_attention_triton.py tests/test_perceiver_attention_triton.py \
 		-k "test_triton_launch or test_triton_block_chunk_schedule or fp32-config"
 
 pytest: build

@@ -227,3 +227,27 @@ def _backward_reference(
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+
+
+def _forward_triton(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale):
+    from vlm_kernels.triton.perceiver_attention import perceiver_attention_fwd_triton
+
+    return perceiver_attention_fwd_triton(
+        q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale
+    )
+
+
+def _backward_triton(
+    grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+):
+    from vlm_kernels.triton.perceiver_attention import perceiver_attention_bwd_triton
+
+    return perceiver_attention_bwd_triton(
+        grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+    )
+
+
+# Triton: flash-style forward and deterministic two-pass backward over the two segments in place.
+TABLE.forward["triton"] = _forward_triton
+TABLE.backward["triton"] = _backward_triton
+TABLE.dtypes["triton"] = FLOAT_DTYPES  # 16/32-bit floats; float64 stays on the reference

@@ -24,7 +24,9 @@ tiles of those chunks only: tiles start at the chunk's first key and step by BLO
 tile is masked at its tail), so a tile lies in one chunk and each row needs one mask bit per tile. Keys
 of a chunk no row of the block sees are never loaded (tests poison them with NaN).
 
-Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators):
+Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators;
+their tile loads, online-softmax step and epilogue, and dk/dv and dq tile steps are the shared
+attention core's, ``_attention_core``, which perceiver_attention's kernels call too):
 - ``_fwd_kernel``: grid (B*nQB*Hq); online softmax over the scheduled key tiles. Query blocks start
   heaviest first (``heaviest_first``: the blocks that see the most chunks, sorted on the device).
 - ``_bwd_preprocess_kernel``: delta = rowsum(dO * O), [B, Hq, Lq] fp32.
@@ -75,6 +77,16 @@ from vlm_kernels.ops.media_schedule import (
     effective_mask,
     one_block_schedule,
     write_mean_rows,
+)
+from vlm_kernels.triton._attention_core import (
+    attend_tile,
+    dkdv_step,
+    dq_step,
+    float32_backward_precision,
+    load_rows,
+    load_rows_t,
+    row_dot,
+    softmax_epilogue,
 )
 from vlm_kernels.triton._launch import declare_configs, forced_config, interpreting, launch
 from vlm_kernels.triton.aot import register_aot
@@ -151,8 +163,9 @@ def _fwd_kernel(
     d_in = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
 
-    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + rows64[:, None] * stride_qt
-    q = tl.load(q_ptrs + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+    q = load_rows(
+        q_ptr + batch * stride_qb + head * stride_qh, rows64, stride_qt, offs_d, row_in, d_in
+    )
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     mask_rows = media_mask_ptr + batch * stride_mask_b + rows64 * stride_mask_q
@@ -173,32 +186,25 @@ def _fwd_kernel(
         key_in = key_in_chunk < media_len
         keys = chunk * media_len + key_in_chunk
         row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
-
-        k_t = tl.load(  # [BLOCK_D, BLOCK_N]
-            k_base + keys[None, :] * stride_kt + offs_d[:, None],
-            mask=d_in[:, None] & key_in[None, :],
-            other=0.0,
+        acc, m_i, l_i = attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_base,
+            v_base,
+            keys,
+            key_in,
+            stride_kt,
+            stride_vt,
+            offs_d,
+            d_in,
+            row_sees[:, None] & key_in[None, :],
+            qk_scale,
+            INPUT_PRECISION,
         )
-        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
-        scores = tl.where(row_sees[:, None] & key_in[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet: no NaN
-        p = tl.exp2(scores - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + keys[:, None] * stride_vt + offs_d[None, :],
-            mask=key_in[:, None] & d_in[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
 
-    empty = l_i == 0.0  # a row that saw no key (a visible key contributes exp2(0) = 1 at the max)
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    # Back to natural log: lse = ln(2) * log2(sum exp2(s - m)) + ln(2) * m.
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out, lse = softmax_epilogue(acc, m_i, l_i)  # a row that saw no key: 0 and -inf
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ot
     tl.store(
         out_ptrs + offs_d[None, :],
@@ -293,26 +299,23 @@ def _decode_split_kernel(
         key_in = key_in_chunk < media_len
         keys = chunk * media_len + key_in_chunk
         row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
-
-        k_t = tl.load(
-            k_base + keys[None, :] * stride_kt + offs_d[:, None],
-            mask=d_in[:, None] & key_in[None, :],
-            other=0.0,
+        acc, m_i, l_i = attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_base,
+            v_base,
+            keys,
+            key_in,
+            stride_kt,
+            stride_vt,
+            offs_d,
+            d_in,
+            row_sees[:, None] & key_in[None, :],
+            qk_scale,
+            INPUT_PRECISION,
         )
-        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
-        scores = tl.where(row_sees[:, None] & key_in[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + keys[:, None] * stride_vt + offs_d[None, :],
-            mask=key_in[:, None] & d_in[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
 
     part = (pid * num_splits + split) * BLOCK_R + tl.arange(0, BLOCK_R)
     tl.store(part_m_ptr + part, m_i)
@@ -376,11 +379,7 @@ def _decode_combine_kernel(
         acc = acc * alpha[:, None] + acc_s * beta[:, None]
         m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    # Back to natural log: lse = ln(2) * log2(sum exp2(s - m)) + ln(2) * m.
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out, lse = softmax_epilogue(acc, m_i, l_i)
     out_ptrs = out_ptr + batch * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(
         out_ptrs + offs_d[None, :],
@@ -418,26 +417,16 @@ def _bwd_preprocess_kernel(
     row_in = rows < Lq
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    tile_in = row_in[:, None] & (offs_d < HEAD_DIM)[None, :]
-    out = tl.load(
-        out_ptr
-        + batch * stride_ob
-        + head * stride_oh
-        + rows64[:, None] * stride_ot
-        + offs_d[None, :],
-        mask=tile_in,
-        other=0.0,
+    delta = row_dot(
+        out_ptr + batch * stride_ob + head * stride_oh,
+        grad_out_ptr + batch * stride_gb + head * stride_gh,
+        rows64,
+        stride_ot,
+        stride_gt,
+        offs_d,
+        row_in,
+        offs_d < HEAD_DIM,
     )
-    grad_out = tl.load(
-        grad_out_ptr
-        + batch * stride_gb
-        + head * stride_gh
-        + rows64[:, None] * stride_gt
-        + offs_d[None, :],
-        mask=tile_in,
-        other=0.0,
-    )
-    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     tl.store(delta_ptr + pid_bh * Lq + rows64, delta, mask=row_in)
 
 
@@ -510,24 +499,12 @@ def _bwd_dkdv_kernel(
     qb_count = tl.load(qb_count_ptr + schedule)
     qb_ids = qb_ids_ptr + schedule * n_qb
     # Keys of a chunk no query sees are not even loaded: their dk, dv are 0.
-    kv_in = key_in[:, None] & d_in[None, :] & (qb_count > 0)
-    k = tl.load(
-        k_ptr
-        + batch * stride_kb
-        + kv_head * stride_kh
-        + keys[:, None] * stride_kt
-        + offs_d[None, :],
-        mask=kv_in,
-        other=0.0,
+    kv_in = key_in & (qb_count > 0)
+    k = load_rows(
+        k_ptr + batch * stride_kb + kv_head * stride_kh, keys, stride_kt, offs_d, kv_in, d_in
     )
-    v = tl.load(
-        v_ptr
-        + batch * stride_vb
-        + kv_head * stride_vh
-        + keys[:, None] * stride_vt
-        + offs_d[None, :],
-        mask=kv_in,
-        other=0.0,
+    v = load_rows(
+        v_ptr + batch * stride_vb + kv_head * stride_vh, keys, stride_vt, offs_d, kv_in, d_in
     )
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -541,35 +518,30 @@ def _bwd_dkdv_kernel(
         row_in = rows < Lq
         rows64 = rows.to(tl.int64)
         row_sees = tl.load(mask_chunk + rows64 * stride_mask_q, mask=row_in, other=0) != 0
-        q_t = tl.load(  # [BLOCK_D, BLOCK_M]
-            q_ptr
-            + batch * stride_qb
-            + head * stride_qh
-            + rows64[None, :] * stride_qt
-            + offs_d[:, None],
-            mask=d_in[:, None] & row_in[None, :],
-            other=0.0,
+        q_t = load_rows_t(  # [BLOCK_D, BLOCK_M]
+            q_ptr + batch * stride_qb + head * stride_qh, rows64, stride_qt, offs_d, row_in, d_in
         )
         row_stats = (batch * heads_q + head) * Lq + rows64
         lse = tl.load(lse_ptr + row_stats, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
-        scores_t = tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        visible_t = key_in[:, None] & row_sees[None, :]
-        # A row that sees nothing has lse = -inf but row_sees = 0: the where drops its inf.
-        p_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
-        grad_out = tl.load(
-            grad_out_ptr
-            + batch * stride_gb
-            + head * stride_gh
-            + rows64[:, None] * stride_gt
-            + offs_d[None, :],
-            mask=row_in[:, None] & d_in[None, :],
-            other=0.0,
+        # A row that sees nothing has lse = -inf but row_sees = 0: the step's where drops its inf.
+        dk, dv, ds_t = dkdv_step(
+            k,
+            v,
+            dk,
+            dv,
+            q_t,
+            lse,
+            grad_out_ptr + batch * stride_gb + head * stride_gh,
+            rows64,
+            stride_gt,
+            offs_d,
+            row_in,
+            d_in,
+            delta_ptr + row_stats,
+            key_in[:, None] & row_sees[None, :],
+            qk_scale,
+            INPUT_PRECISION,
         )
-        dv += tl.dot(p_t.to(grad_out.dtype), grad_out, input_precision=INPUT_PRECISION)
-        delta = tl.load(delta_ptr + row_stats, mask=row_in, other=0.0)
-        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION)
         if ATOMIC_DQ:
             # dq[rows] += scale * ds k over this program's keys: one float32 atomic per element, in
             # whatever order the programs of the other key tiles reach the rows (not deterministic).
@@ -653,23 +625,11 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     tile_in = row_in[:, None] & d_in[None, :]
 
-    q = tl.load(
-        q_ptr
-        + batch * stride_qb
-        + head * stride_qh
-        + rows64[:, None] * stride_qt
-        + offs_d[None, :],
-        mask=tile_in,
-        other=0.0,
+    q = load_rows(
+        q_ptr + batch * stride_qb + head * stride_qh, rows64, stride_qt, offs_d, row_in, d_in
     )
-    grad_out = tl.load(
-        grad_out_ptr
-        + batch * stride_gb
-        + head * stride_gh
-        + rows64[:, None] * stride_gt
-        + offs_d[None, :],
-        mask=tile_in,
-        other=0.0,
+    grad_out = load_rows(
+        grad_out_ptr + batch * stride_gb + head * stride_gh, rows64, stride_gt, offs_d, row_in, d_in
     )
     row_stats = pid_bh * Lq + rows64
     lse = tl.load(lse_ptr + row_stats, mask=row_in, other=0.0) * 1.4426950408889634  # log2(e)
@@ -691,15 +651,10 @@ def _bwd_dq_kernel(
         key_in = key_in_chunk < media_len
         keys = chunk * media_len + key_in_chunk
         row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
-        kv_t_in = d_in[:, None] & key_in[None, :]
-        k_t = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None], mask=kv_t_in, other=0.0)
-        v_t = tl.load(v_base + keys[None, :] * stride_vt + offs_d[:, None], mask=kv_t_in, other=0.0)
-        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        k_t = load_rows_t(k_base, keys, stride_kt, offs_d, key_in, d_in)
+        v_t = load_rows_t(v_base, keys, stride_vt, offs_d, key_in, d_in)
         visible = row_sees[:, None] & key_in[None, :]
-        p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
-        dp = tl.dot(grad_out, v_t, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=INPUT_PRECISION)
+        dq = dq_step(dq, q, grad_out, k_t, v_t, lse, delta, visible, qk_scale, INPUT_PRECISION)
 
     dq *= scale
     tl.store(
@@ -932,19 +887,6 @@ def _effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
 
 def _tiles(dtype: torch.dtype) -> _Tiles:
     return _TILES[dtype.itemsize]
-
-
-def float32_backward_precision() -> str:
-    """The ``tl.dot`` input precision of the float32 backward: ``"tf32"`` when PyTorch allows TF32 for
-    float32 CUDA matmuls, else ``"ieee"`` (FMA, the default). Read at each backward launch, as a
-    torch matmul reads it when it runs, through the TF32 API that does not mix with the legacy one:
-    ``torch.backends.cuda.matmul.fp32_precision`` (which ``torch.set_float32_matmul_precision("high")``
-    and ``torch.backends.cuda.matmul.allow_tf32 = True`` set to ``"tf32"``), and when that is
-    ``"none"``, the generic ``torch.backends.fp32_precision`` it inherits from."""
-    precision = torch.backends.cuda.matmul.fp32_precision
-    if precision == "none":
-        precision = torch.backends.fp32_precision
-    return "tf32" if precision == "tf32" else "ieee"
 
 
 def _bwd_precision(tiles: _Tiles, dtype: torch.dtype) -> str:

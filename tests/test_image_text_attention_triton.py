@@ -104,10 +104,22 @@ def _outputs(q):
 
 def prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows):
     """The prefill kernel whatever Lq (the forward routes Lq <= 16 to the decode path)."""
-    out, lse = _outputs(q)
-    with poisoned_allocations():
-        ita._prefill_forward(q, k, v, media_mask, media_len, scale, empty_rows, out, lse)
-    return out, lse
+    return split_prefill_forward(None)(q, k, v, media_mask, media_len, scale, empty_rows)
+
+
+def split_prefill_forward(num_splits):
+    """The prefill kernel whatever Lq, with its split-KV ``num_splits`` forced (None: the
+    heuristic; above 1: partials merged by the prefill combine kernel)."""
+
+    def run(q, k, v, media_mask, media_len, scale, empty_rows):
+        out, lse = _outputs(q)
+        with poisoned_allocations():
+            ita._prefill_forward(
+                q, k, v, media_mask, media_len, scale, empty_rows, out, lse, num_splits=num_splits
+            )
+        return out, lse
+
+    return run
 
 
 def decode_forward(num_splits=None):
@@ -287,6 +299,52 @@ def test_decode_path_matches_reference(query_len, heads, chunks, media_len, dtyp
         2, query_len, *heads, 64, chunks, media_len, dtype=dtype, mask_kind="random"
     )
     check_against_reference(attention, decode_forward(num_splits))
+
+
+@pytest.mark.parametrize(
+    "query_len, chunks, media_len, dtype, kind, empty_rows, num_splits",
+    [
+        (97, 4, 65, F32, "random", "zero", 3),
+        (97, 3, 17, BF16, "gappy", "uniform", 2),
+        (40, 2, 37, F16, "runs", "zero", 16),  # more splits than a block's tiles: empty splits
+        (33, 4, 17, F32, "none", "zero", 4),  # rows that see nothing: every split empty
+    ],
+    ids=lambda value: str(value).replace("torch.", ""),
+)
+def test_split_kv_prefill_matches_reference(
+    query_len, chunks, media_len, dtype, kind, empty_rows, num_splits
+):
+    """The prefill forward split over the key tiles (partials, then the combine kernel) equals the
+    reference, whatever the split count."""
+    attention = make_case(
+        1, query_len, 4, 2, 80, chunks, media_len, dtype=dtype, mask_kind=kind,
+        empty_rows=empty_rows,
+    )  # fmt: skip
+    check_against_reference(attention, split_prefill_forward(num_splits))
+
+
+def test_split_kv_prefill_only_when_the_grid_is_smaller_than_the_gpu(monkeypatch):
+    """B * query blocks * Hq programs below the SM count: splits for two programs per SM, at least
+    ~4 tiles of 64 keys each, at most 64; at or above the SM count: one pass."""
+    monkeypatch.setattr(ita, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert ita._prefill_num_splits(132, 1000, cpu) == 1
+    assert ita._prefill_num_splits(64, 1000, cpu) == 5  # ceil(264 / 64)
+    assert ita._prefill_num_splits(1, 1000, cpu) == 64
+    assert ita._prefill_num_splits(8, 10, cpu) == 3  # ceil(10 / 4): splits of >= 4 tiles
+    launches = []
+    real_launch = ita.launch
+
+    def spy(name, kernel, configs, grid, args, **kw):
+        launches.append((name, kw.get("SPLIT")))
+        return real_launch(name, kernel, configs, grid, args, **kw)
+
+    monkeypatch.setattr(ita, "launch", spy)
+    # 1 x 33 rows x 4 heads: 4 query blocks of 32 x 4 heads... 16 programs < 132 SMs.
+    attention = make_case(1, 33, 4, 2, 64, 3, 65, dtype=F32, mask_kind="random")
+    check_against_reference(attention, prefill_forward)
+    assert ("image_text_attention_fwd", True) in launches
+    assert any(name == "image_text_attention_prefill_combine" for name, _ in launches)
 
 
 @pytest.mark.parametrize("empty_rows", ["zero", "uniform"])
@@ -500,7 +558,7 @@ def test_forward_launches_heaviest_query_blocks_first(monkeypatch):
     check_against_reference(attention, forward)
     chunk_count, order, grid = passed[0]
     n_qb = chunk_count.shape[1]
-    assert grid == (2 * n_qb * 2,)  # B * nQB * Hq programs, one dimension
+    assert grid == (2 * n_qb * 2, 1)  # B * nQB * Hq programs; one split (16 programs >= 2 SMs)
     flat = chunk_count.flatten()
     assert sorted(order.tolist()) == list(range(2 * n_qb))
     assert (flat[order.long()].diff() <= 0).all()
@@ -628,10 +686,12 @@ def test_every_config_matches_reference(width, index):
         prefill = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         decode = make_case(1, 9, 8, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         single_pass = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
+        split_prefill = make_case(1, 150, 4, 2, 80, 4, 37, dtype=dtype, empty_rows=empty_rows)
         for attention, forward_fn, backward_fn in (
             (prefill, forward, backward),
             (single_pass, forward, backward_single_pass),
             (decode, decode_forward(3), None),
+            (split_prefill, split_prefill_forward(3), None),
         ):
             if empty_rows == "uniform":  # an empty row sees every chunk: nothing is hidden
                 check_against_reference(attention, forward_fn, backward_fn)
@@ -915,6 +975,14 @@ def test_every_config_is_registered_for_the_compile_report():
         ),
         "image_text_attention_decode_combine": (
             ita._decode_combine_kernel,
+            lambda t: ita._COMBINE_CONFIGS,
+        ),
+        "image_text_attention_fwd_split": (
+            ita._fwd_kernel,
+            lambda t: [c for m in t.fwd_block_m for c in ita._FWD_CONFIGS[m]],
+        ),
+        "image_text_attention_prefill_combine": (
+            ita._prefill_combine_kernel,
             lambda t: ita._COMBINE_CONFIGS,
         ),
         "image_text_attention_bwd_preprocess": (

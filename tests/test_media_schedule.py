@@ -261,7 +261,7 @@ def test_tune_bucket_and_key():
     q = torch.zeros(1, 1, 1, 16)
     key = _launch.tuning_key(
         ita._fwd_kernel,
-        (q, q, q, None, None, None, None, q, None, 17, 5, 577),
+        (q, q, q, None, None, None, None, q, None, None, None, None, 17, 5, 577),
         {"HEAD_DIM": 80, "INPUT_PRECISION": "tf32"},
         ita._TUNE_KEY,
     )

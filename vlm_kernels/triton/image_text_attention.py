@@ -27,8 +27,12 @@ of a chunk no row of the block sees are never loaded (tests poison them with NaN
 Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators;
 their tile loads, online-softmax step and epilogue, and dk/dv and dq tile steps are the shared
 attention core's, ``_attention_core``, which perceiver_attention's kernels call too):
-- ``_fwd_kernel``: grid (B*nQB*Hq); online softmax over the scheduled key tiles. Query blocks start
-  heaviest first (``heaviest_first``: the blocks that see the most chunks, sorted on the device).
+- ``_fwd_kernel``: grid (B*nQB*Hq, splits); online softmax over the scheduled key tiles. Query blocks
+  start heaviest first (``heaviest_first``: the blocks that see the most chunks, sorted on the
+  device). Split-KV prefill: when B*nQB*Hq is below the SM count (``_prefill_num_splits``), each
+  block's visible key tiles are split evenly over the second grid axis (counted on the device, so no
+  host sync) and the kernel (``SPLIT``) writes float32 partials (m, l, acc) that
+  ``_prefill_combine_kernel`` merges into out and lse, as the decode path does.
 - ``_bwd_preprocess_kernel``: delta = rowsum(dO * O), [B, Hq, Lq] fp32.
 - ``_bwd_dkdv_kernel``: grid (key tiles, B*Hkv); a program owns BLOCK_N keys of one chunk and one kv
   head, and loops over the query blocks that see the chunk (the transposed schedule: chunk -> query
@@ -113,6 +117,9 @@ def _fwd_kernel(
     order_ptr,  # int32 [B * nQB]: the (batch, query block) pairs, most visible chunks first
     out_ptr,  # [B, Lq, Hq, Dh]
     lse_ptr,  # float32 [B, Hq, Lq], contiguous
+    part_m_ptr,  # SPLIT: float32 [B * nQB * Hq, num_splits, BLOCK_M], running max (log2 units)
+    part_l_ptr,  # SPLIT: float32 [B * nQB * Hq, num_splits, BLOCK_M], sum of exp2
+    part_acc_ptr,  # SPLIT: float32 [B * nQB * Hq, num_splits, BLOCK_M, BLOCK_D], unnormalized out
     # sizes
     Lq,
     M,  # media chunks
@@ -120,6 +127,7 @@ def _fwd_kernel(
     heads_q,
     group,  # Hq // Hkv
     n_qb,  # ceil(Lq / BLOCK_M)
+    num_splits,  # SPLIT: slices of each query block's key tiles (program_id(1))
     qk_scale,  # scale * log2(e)
     # strides, in elements
     stride_qb,
@@ -143,10 +151,11 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program (= the schedule's block)
     BLOCK_N: tl.constexpr,  # keys per tile
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 inputs: "ieee" or "tf32"
+    SPLIT: tl.constexpr,  # split-KV prefill: write partials for _prefill_combine_kernel
 ):
-    # Heaviest first: a 1-D grid in which program p runs the pair order[p // Hq] for head p % Hq.
-    # The GPU starts programs in grid order, so the query blocks that see the most chunks (the last
-    # rows of a cumulative mask) start first and the light ones fill the SMs at the end.
+    # Heaviest first: program p (axis 0) runs the pair order[p // Hq] for head p % Hq. The GPU
+    # starts programs in grid order, so the query blocks that see the most chunks (the last rows of
+    # a cumulative mask) start first and the light ones fill the SMs at the end. Axis 1: the split.
     pid = tl.program_id(0)
     rank = pid // heads_q
     head = (pid - rank * heads_q).to(tl.int64)
@@ -175,11 +184,21 @@ def _fwd_kernel(
     chunk_ids = chunk_ids_ptr + schedule * M
     tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
 
+    total_tiles = chunk_count * tiles_per_chunk
+    tile_start = 0
+    tile_end = total_tiles
+    if SPLIT:
+        # The block's visible tiles split evenly (counted on the device); a split past the end
+        # writes an empty partial (m = -inf, l = 0).
+        tiles_per_split = tl.cdiv(total_tiles, num_splits)
+        tile_start = tl.program_id(1) * tiles_per_split
+        tile_end = tl.minimum(tile_start + tiles_per_split, total_tiles)
+
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # One flat loop over (visible chunk, tile of the chunk): a single pipelined loop on the GPU.
-    for tile in range(0, chunk_count * tiles_per_chunk):
+    for tile in range(tile_start, tile_end):
         slot = tile // tiles_per_chunk
         chunk = tl.load(chunk_ids + slot).to(tl.int64)
         key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + offs_n
@@ -204,6 +223,14 @@ def _fwd_kernel(
             INPUT_PRECISION,
         )
 
+    if SPLIT:
+        # int32: splitting happens below the SM count, so slots * BLOCK_M * BLOCK_D stays < 2^31
+        # (int64 slot arithmetic here spilled 24 B at Dh=64 on sm_80).
+        program = ((schedule * heads_q + head) * num_splits).to(tl.int32) + tl.program_id(1)
+        _store_partial(
+            part_m_ptr, part_l_ptr, part_acc_ptr, program, m_i, l_i, acc, offs_d, BLOCK_M, BLOCK_D
+        )
+        return
     out, lse = softmax_epilogue(acc, m_i, l_i)  # a row that saw no key: 0 and -inf
     out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + rows64[:, None] * stride_ot
     tl.store(
@@ -212,6 +239,118 @@ def _fwd_kernel(
         mask=row_in[:, None] & d_in[None, :],
     )
     tl.store(lse_ptr + pid_bh * Lq + rows64, lse, mask=row_in)
+
+
+# ---- split-KV partials (prefill with few programs, and decode) ------------------------------------
+
+
+@triton.jit
+def _store_partial(
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    slot,
+    m_i,
+    l_i,
+    acc,
+    offs_d,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One split's (m, l, acc) of a block of ROWS rows, at ``slot`` of the float32 workspaces
+    ([slots, ROWS] and [slots, ROWS, BLOCK_D])."""
+    part = slot * ROWS + tl.arange(0, ROWS)
+    tl.store(part_m_ptr + part, m_i)
+    tl.store(part_l_ptr + part, l_i)
+    tl.store(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _merge_partials(
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    first_slot,  # the slot of split 0 (slots of one program's splits are consecutive)
+    num_splits,
+    local,  # COMBINE_R rows to merge, within the block of BLOCK_ROWS rows
+    offs_d,
+    BLOCK_ROWS: tl.constexpr,
+    COMBINE_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(acc, m, l) of ``local``'s rows merged over the splits' partials (log2 units)."""
+    m_i = tl.full((COMBINE_R,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((COMBINE_R,), dtype=tl.float32)
+    acc = tl.zeros((COMBINE_R, BLOCK_D), dtype=tl.float32)
+    for split in range(0, num_splits):
+        part = (first_slot + split) * BLOCK_ROWS + local
+        m_s = tl.load(part_m_ptr + part)
+        l_s = tl.load(part_l_ptr + part)
+        acc_s = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        beta = tl.exp2(m_s - m_use)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_combine_kernel(
+    # pointers
+    part_m_ptr,  # float32 [B * nQB * Hq, num_splits, BLOCK_M]
+    part_l_ptr,  # float32 [B * nQB * Hq, num_splits, BLOCK_M]
+    part_acc_ptr,  # float32 [B * nQB * Hq, num_splits, BLOCK_M, BLOCK_D]
+    out_ptr,  # [B, Lq, Hq, Dh]
+    lse_ptr,  # float32 [B, Hq, Lq], contiguous
+    # sizes
+    Lq,
+    heads_q,
+    n_qb,
+    num_splits,
+    # strides of out, in elements
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # the split forward's query block
+    COMBINE_R: tl.constexpr,  # rows merged per program (divides BLOCK_M)
+):
+    pid = tl.program_id(0).to(tl.int64)  # (batch * nQB + query block) * Hq + head
+    schedule = pid // heads_q
+    head = pid - schedule * heads_q
+    batch = schedule // n_qb
+    q_block = schedule - batch * n_qb
+    local = tl.program_id(1) * COMBINE_R + tl.arange(0, COMBINE_R)
+    rows = (q_block * BLOCK_M + local).to(tl.int64)
+    row_in = rows < Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+
+    acc, m_i, l_i = _merge_partials(
+        part_m_ptr,
+        part_l_ptr,
+        part_acc_ptr,
+        pid * num_splits,
+        num_splits,
+        local,
+        offs_d,
+        BLOCK_M,
+        COMBINE_R,
+        BLOCK_D,
+    )
+    out, lse = softmax_epilogue(acc, m_i, l_i)
+    out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + rows[:, None] * stride_ot
+    tl.store(
+        out_ptrs + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_in[:, None] & d_in[None, :],
+    )
+    tl.store(lse_ptr + (batch * heads_q + head) * Lq + rows, lse, mask=row_in)
 
 
 # ---- decode (split-KV) ------------------------------------------------------------------------------
@@ -317,10 +456,18 @@ def _decode_split_kernel(
             INPUT_PRECISION,
         )
 
-    part = (pid * num_splits + split) * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(part_m_ptr + part, m_i)
-    tl.store(part_l_ptr + part, l_i)
-    tl.store(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], acc)
+    _store_partial(
+        part_m_ptr,
+        part_l_ptr,
+        part_acc_ptr,
+        pid * num_splits + split,
+        m_i,
+        l_i,
+        acc,
+        offs_d,
+        BLOCK_R,
+        BLOCK_D,
+    )
 
 
 @triton.jit
@@ -363,22 +510,18 @@ def _decode_combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < HEAD_DIM
 
-    m_i = tl.full((COMBINE_R,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((COMBINE_R,), dtype=tl.float32)
-    acc = tl.zeros((COMBINE_R, BLOCK_D), dtype=tl.float32)
-    for split in range(0, num_splits):
-        part = (pid * num_splits + split) * BLOCK_R + local
-        m_s = tl.load(part_m_ptr + part)
-        l_s = tl.load(part_l_ptr + part)
-        acc_s = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :])
-        m_new = tl.maximum(m_i, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        beta = tl.exp2(m_s - m_use)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_i = m_new
-
+    acc, m_i, l_i = _merge_partials(
+        part_m_ptr,
+        part_l_ptr,
+        part_acc_ptr,
+        pid * num_splits,
+        num_splits,
+        local,
+        offs_d,
+        BLOCK_R,
+        COMBINE_R,
+        BLOCK_D,
+    )
     out, lse = softmax_epilogue(acc, m_i, l_i)
     out_ptrs = out_ptr + batch * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(
@@ -819,6 +962,7 @@ def _kernel_configs(tiles: _Tiles) -> dict[str, tuple[triton.Config, ...]]:
         ),
         "image_text_attention_decode_split": _DECODE_CONFIGS[tiles.decode_max_rows],
         "image_text_attention_decode_combine": _COMBINE_CONFIGS,
+        "image_text_attention_prefill_combine": _COMBINE_CONFIGS,
         "image_text_attention_bwd_preprocess": _PREPROCESS_CONFIGS,
         "image_text_attention_bwd_dkdv": _by_block(_DKDV_CONFIGS, tiles, tiles.dkdv_block_m),
         "image_text_attention_bwd_dq": _by_block(_DQ_CONFIGS, tiles, tiles.dq_block_m),
@@ -1051,10 +1195,32 @@ def heaviest_first(chunk_count: torch.Tensor) -> torch.Tensor:
     return torch.argsort(chunk_count.flatten(), descending=True, stable=True).to(torch.int32)
 
 
+def _prefill_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
+    """Split-KV prefill: with fewer programs (B * query blocks * Hq) than SMs, each query block's key
+    tiles are split so that every SM gets two programs, keeping at least ~4 tiles (of 64 keys) per
+    split for the most keys a block may see (``max_tiles``; the visible count is on the device)."""
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_tiles, 4), 64))
+
+
 def _prefill_forward(
-    q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=None
+    q,
+    k,
+    v,
+    media_mask,
+    media_len,
+    scale,
+    empty_rows,
+    out,
+    lse,
+    schedule=None,
+    num_splits: int | None = None,
 ) -> None:
-    """With a ``schedule``, ``media_mask`` is already the kernel mask (a MediaSchedule's)."""
+    """With a ``schedule``, ``media_mask`` is already the kernel mask (a MediaSchedule's).
+    ``num_splits`` overrides ``_prefill_num_splits`` (tests); above 1 the forward writes partials
+    that ``_prefill_combine_kernel`` merges (no host sync either way)."""
     batch, query_len, heads_q, head_dim = q.shape
     heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
     mask = media_mask if schedule is not None else _effective_mask(media_mask, empty_rows)
@@ -1067,6 +1233,22 @@ def _prefill_forward(
     chunk_count, chunk_ids = schedule or block_chunk_schedule_triton(mask, block_m)
     order = heaviest_first(chunk_count)
     mask_u8, mask_strides = _mask_args(mask)
+    programs = batch * n_qb * heads_q
+    if num_splits is None:
+        num_splits = _prefill_num_splits(
+            programs, num_chunks * triton.cdiv(media_len, 64), q.device
+        )
+    head_meta = _head_dim_meta(head_dim)
+    if num_splits > 1:
+        part_m = torch.empty((programs, num_splits, block_m), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(
+            (programs, num_splits, block_m, head_meta["BLOCK_D"]),
+            dtype=torch.float32,
+            device=q.device,
+        )
+    else:
+        part_m = part_l = part_acc = lse  # not touched when SPLIT is off
     args = (
         q,
         k,
@@ -1077,12 +1259,16 @@ def _prefill_forward(
         order,
         out,
         lse,
+        part_m,
+        part_l,
+        part_acc,
         query_len,
         num_chunks,
         media_len,
         heads_q,
         heads_q // heads_kv,
         n_qb,
+        num_splits,
         scale * LOG2E,
         *q.stride()[:3],
         *k.stride()[:3],
@@ -1094,13 +1280,35 @@ def _prefill_forward(
         "image_text_attention_fwd",
         _fwd_kernel,
         configs,
-        lambda meta: (batch * n_qb * heads_q,),
+        lambda meta: (programs, num_splits),
         args,
         tune_key=_TUNE_KEY,
         tune_configs=_FWD_CONFIGS[block_m],
         INPUT_PRECISION=tiles.fwd_precision,
-        **_head_dim_meta(head_dim),
+        SPLIT=num_splits > 1,
+        **head_meta,
     )
+    if num_splits > 1:
+        _launch(
+            "image_text_attention_prefill_combine",
+            _prefill_combine_kernel,
+            tiles,
+            lambda meta: (programs, block_m // meta["COMBINE_R"]),
+            (
+                part_m,
+                part_l,
+                part_acc,
+                out,
+                lse,
+                query_len,
+                heads_q,
+                n_qb,
+                num_splits,
+                *out.stride()[:3],
+            ),
+            BLOCK_M=block_m,
+            **head_meta,
+        )
 
 
 def _decode_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
@@ -1441,16 +1649,19 @@ def _aot_signature(
     return {name: spec for name, spec in signature.items() if name in params}
 
 
-def _register(name: str, kernel, signature_for, tf32_variant=False, **constexprs_for) -> None:
-    """Registers ``kernel`` per element type: the width's config list (``_kernel_configs``),
-    ``signature_for(dtype)`` and each ``constexprs_for[key](tiles)``; with ``tf32_variant`` (the
-    backward), float32 once more at ``INPUT_PRECISION="tf32"``."""
+def _register(
+    name: str, kernel, signature_for, tf32_variant=False, configs_of=None, **constexprs_for
+) -> None:
+    """Registers ``kernel`` per element type: the width's config list (``_kernel_configs`` of
+    ``configs_of``, default ``name``), ``signature_for(dtype)`` and each
+    ``constexprs_for[key](tiles)``; with ``tf32_variant`` (the backward), float32 once more at
+    ``INPUT_PRECISION="tf32"``."""
     variants = [(dtype, dtype, width, {}) for dtype, width in _AOT_WIDTHS.items()]
     if tf32_variant:
         variants.append((_AOT_TF32, "fp32", 4, {"INPUT_PRECISION": "tf32"}))
     for label, dtype, width, overrides in variants:
         tiles = _TILES[width]
-        configs = _kernel_configs(tiles)[name]
+        configs = _kernel_configs(tiles)[configs_of or name]
         if overrides and name == "image_text_attention_bwd_fused":
             configs = sum(_dkdv_lists(name, tiles, "tf32").values(), ())
         constexprs = {key: value(tiles) for key, value in constexprs_for.items()} | overrides
@@ -1465,20 +1676,28 @@ def _register(name: str, kernel, signature_for, tf32_variant=False, **constexprs
             )
 
 
-_register(
-    "image_text_attention_fwd",
-    _fwd_kernel,
-    lambda dtype: _aot_signature(
+# The prefill forward twice: as one pass (SPLIT off) and as the split-KV first pass (SPLIT on: the
+# partial stores replace the epilogue), both launched under the name "image_text_attention_fwd".
+for _name, _split in (
+    ("image_text_attention_fwd", False),
+    ("image_text_attention_fwd_split", True),
+):
+    _register(
+        _name,
         _fwd_kernel,
-        dtype,
-        "q_ptr k_ptr v_ptr out_ptr",
-        i32="chunk_count_ptr chunk_ids_ptr order_ptr",
-        fp32="lse_ptr",
-        ints="Lq M media_len heads_q group n_qb",
-        aligned=f"{_QKV_STRIDES} stride_ob stride_ot stride_oh",
-    ),
-    INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
-)
+        lambda dtype: _aot_signature(
+            _fwd_kernel,
+            dtype,
+            "q_ptr k_ptr v_ptr out_ptr",
+            i32="chunk_count_ptr chunk_ids_ptr order_ptr",
+            fp32="lse_ptr part_m_ptr part_l_ptr part_acc_ptr",
+            ints="Lq M media_len heads_q group n_qb num_splits",
+            aligned=f"{_QKV_STRIDES} stride_ob stride_ot stride_oh",
+        ),
+        configs_of="image_text_attention_fwd",
+        INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
+        SPLIT=lambda tiles, split=_split: split,
+    )
 _register(
     "image_text_attention_decode_split",
     _decode_split_kernel,
@@ -1506,6 +1725,20 @@ _register(
         aligned="stride_ob stride_ot stride_oh",
     ),
     BLOCK_R=lambda tiles: tiles.decode_max_rows,
+)
+_register(
+    "image_text_attention_prefill_combine",
+    _prefill_combine_kernel,
+    lambda dtype: _aot_signature(
+        _prefill_combine_kernel,
+        dtype,
+        "out_ptr",
+        fp32="part_m_ptr part_l_ptr part_acc_ptr lse_ptr",
+        ints="Lq heads_q n_qb num_splits",
+        aligned="stride_ob stride_ot stride_oh",
+    ),
+    # Every query block the forward runs; BLOCK_M=64 and 128 compile alike (COMBINE_R rows each).
+    BLOCK_M=lambda tiles: tiles.fwd_block_m[-1],
 )
 _register(
     "image_text_attention_bwd_preprocess",

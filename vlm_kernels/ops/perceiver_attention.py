@@ -126,7 +126,7 @@ def perceiver_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Nl, Hq, Dh], lse [B, Hq, Nl] float32)."""
-    kernel = TABLE.forward_for(q.device, backend)
+    kernel = TABLE.forward_for(q.device, backend, q.dtype)
     return kernel(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale)
 
 
@@ -151,7 +151,7 @@ def perceiver_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk_media, dv_media, dk_latents, dv_latents)."""
-    kernel = TABLE.backward_for(q.device, backend)
+    kernel = TABLE.backward_for(q.device, backend, q.dtype)
     return kernel(
         grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
     )

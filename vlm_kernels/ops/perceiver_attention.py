@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
@@ -126,7 +127,7 @@ def perceiver_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Nl, Hq, Dh], lse [B, Hq, Nl] float32)."""
-    kernel = TABLE.forward_for(q.device, backend)
+    kernel = TABLE.forward_for(q.device, backend, q.dtype)
     return kernel(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale)
 
 
@@ -151,7 +152,7 @@ def perceiver_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk_media, dv_media, dk_latents, dv_latents)."""
-    kernel = TABLE.backward_for(q.device, backend)
+    kernel = TABLE.backward_for(q.device, backend, q.dtype)
     return kernel(
         grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
     )
@@ -227,3 +228,30 @@ def _backward_reference(
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+
+
+def _forward_cpu(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale):
+    return _extension()[0].perceiver_attention_fwd_cpu(
+        q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale
+    )
+
+
+def _backward_cpu(
+    grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+):
+    return _extension()[0].perceiver_attention_bwd_cpu(
+        grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+    )
+
+
+def _cpu_supported() -> bool:
+    """The C++ kernels need AVX-512 (checked at run time by the extension)."""
+    extension = _extension()[0]
+    return extension is not None and extension.perceiver_attention_cpu_supported()
+
+
+TABLE.forward["cpu"] = _forward_cpu
+TABLE.backward["cpu"] = _backward_cpu
+TABLE.usable["cpu"] = _cpu_supported
+# The C++ kernels take 16/32-bit floats; float64 stays on the reference.
+TABLE.dtypes["cpu"] = FLOAT_DTYPES

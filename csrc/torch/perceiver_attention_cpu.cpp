@@ -4,13 +4,12 @@
 // vlm_kernels._C.
 #include "torch/perceiver_attention_cpu.h"
 
-#include <ATen/Context.h>
-
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "cpu/perceiver_attention.h"
+#include "torch/attention_cpu_glue.h"
 
 namespace vlmk {
 namespace {
@@ -18,13 +17,7 @@ namespace {
 constexpr const char* kOp = "perceiver_attention (cpu): ";
 
 void check_floating(const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
-                  t.scalar_type() == at::kHalf,
-              kOp, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, kOp, name, " must be 4-D, got shape ", t.sizes());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, kOp, name,
-              " must have a contiguous last dim (stride(-1) == 1), got strides ", t.strides());
+  attention_glue::check_floating(kOp, name, t);
 }
 
 struct Sizes {
@@ -74,14 +67,9 @@ Sizes check_inputs(const at::Tensor& q, const at::Tensor& k_media, const at::Ten
   return s;
 }
 
-// The kernels compute in float32 or bfloat16; float16 goes through float32, and so does bfloat16
-// when oneDNN is switched off (torch.backends.mkldnn.enabled = False: no bfloat16 brgemm then).
-bool runs_as_float32(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf ||
-         (t.scalar_type() == at::kBFloat16 && !at::globalContext().userEnabledMkldnn());
-}
-
-at::Tensor compute_view(const at::Tensor& t) { return runs_as_float32(t) ? t.to(at::kFloat) : t; }
+using attention_glue::compute_view;
+using attention_glue::kernel_dtype;
+using attention_glue::runs_as_float32;
 
 TokenStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -92,7 +80,7 @@ PerceiverAttentionFwdParams make_params(const at::Tensor& q, const at::Tensor& k
                                         const std::optional<at::Tensor>& media_padding_mask,
                                         const Sizes& s, double scale) {
   PerceiverAttentionFwdParams p{};
-  p.dtype = q.scalar_type() == at::kBFloat16 ? AttentionDtype::kBFloat16 : AttentionDtype::kFloat32;
+  p.dtype = kernel_dtype(q);
   p.q = q.const_data_ptr();
   p.k_media = k_media.const_data_ptr();
   p.v_media = v_media.const_data_ptr();

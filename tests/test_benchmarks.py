@@ -92,7 +92,9 @@ def test_model_shapes_hold_the_published_numbers():
     llava = registry.get_shape("concat_project", "clip-vit-l14-336").params
     assert (llava["lead"][-1], llava["dims"], llava["N"]) == (576, (1024,), 4096)
     perceiver = registry.get_shape("perceiver_attention", "flamingo-perceiver").params
-    assert (perceiver["Nl"], perceiver["Hq"], perceiver["Dh"], perceiver["Nm"]) == (64, 8, 64, 256)
+    # Issue 12: 16 media items of 4 frames x 257 tokens, 64 latents, 8 heads of 64.
+    assert (perceiver["B"], perceiver["Nm"]) == (16, 4 * 257)
+    assert (perceiver["Nl"], perceiver["Hq"], perceiver["Hkv"], perceiver["Dh"]) == (64, 8, 8, 64)
     # Shapes are lazy: a registry entry holds sizes only, no tensors.
     for shape in registry.all_shapes():
         assert not any(isinstance(v, torch.Tensor) for v in shape.params.values())

@@ -13,7 +13,7 @@ import torch
 
 import vlm_kernels as vk
 from tests.devices import TEST_DEVICE, backends_for
-from vlm_kernels.reference import image_text_attention_reference
+from vlm_kernels.reference import image_text_attention_reference, perceiver_attention_reference
 
 BATCH, QUERY_LEN, HEADS_Q, HEADS_KV, HEAD_DIM, CHUNKS, MEDIA_LEN = 2, 40, 4, 2, 64, 3, 24
 DECODE_LEN = 3  # Lq <= 16 takes the split-KV decode path on the GPU backends
@@ -89,3 +89,86 @@ def test_nan_query_row_gives_nan_gradient(backend):
     dq, _, _ = torch.autograd.grad(out, leaves, grad_out)
     assert dq[1, 1, 2].isnan().all(), f"{backend}: NaN query row gave a finite dq"
     assert not dq[0].isnan().any(), f"{backend}: NaN leaked into another sequence's dq"
+
+
+# ---- perceiver_attention -------------------------------------------------------------------------------
+# The same guarantees: a NaN/inf in q, or in a key/value a row can see (a real media token or a latent),
+# reaches that row; a padded media token is never needed (the reference masks its score, so a NaN key
+# there must not leak; a NaN value there is allowed, not required: 0 * NaN in the dense reference).
+
+PERCEIVER_MEDIA, PERCEIVER_LATENTS = 40, 6
+PADDED_INSIDE, PADDED_TAIL = 10, 35  # item 1 pads token 10 (inside a key tile) and tokens 30..39
+
+
+def _perceiver_inputs(dtype):
+    def randn(length):
+        return torch.randn(BATCH, length, HEADS_KV, HEAD_DIM, device=TEST_DEVICE).to(dtype)
+
+    q = torch.randn(BATCH, PERCEIVER_LATENTS, HEADS_Q, HEAD_DIM, device=TEST_DEVICE).to(dtype)
+    tensors = {
+        "q": q,
+        "k_media": randn(PERCEIVER_MEDIA),
+        "v_media": randn(PERCEIVER_MEDIA),
+        "k_latents": randn(PERCEIVER_LATENTS),
+        "v_latents": randn(PERCEIVER_LATENTS),
+    }
+    mask = torch.ones(BATCH, PERCEIVER_MEDIA, dtype=torch.bool, device=TEST_DEVICE)
+    mask[1, PADDED_INSIDE] = False
+    mask[1, 30:] = False
+    return tensors, mask
+
+
+PERCEIVER_POISONS = {
+    "nan-q": ("q", (1, 3, 2, 7), float("nan")),
+    "inf-q": ("q", (1, 3, 2, 7), float("inf")),
+    "nan-k_media": ("k_media", (0, 5, 1, 3), float("nan")),
+    "inf-k_media": ("k_media", (0, 5, 1, 3), float("-inf")),
+    "nan-v_media": ("v_media", (1, 5, 0, 3), float("nan")),
+    "nan-k_latents": ("k_latents", (1, 2, 0, 3), float("nan")),
+    "nan-v_latents": ("v_latents", (0, 4, 1, 3), float("nan")),
+    "nan-k_media-padded-inside": ("k_media", (1, PADDED_INSIDE, 0, 0), float("nan")),
+    "nan-k_media-padded-tail": ("k_media", (1, PADDED_TAIL, 1, 0), float("nan")),
+}
+
+
+def _perceiver_touched_rows(name, index, mask):
+    """[B, Nl, Hq, 1] bool: the output rows that see the poisoned element."""
+    touched = torch.zeros(BATCH, PERCEIVER_LATENTS, HEADS_Q, 1, dtype=torch.bool)
+    group = HEADS_Q // HEADS_KV
+    if name == "q":
+        touched[index[0], index[1], index[2]] = True
+    elif name.endswith("latents") or mask[index[0], index[1]]:
+        touched[index[0], :, index[2] * group : (index[2] + 1) * group] = True
+    return touched.to(mask.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", sorted(PERCEIVER_POISONS))
+@pytest.mark.parametrize("backend", backends_for("perceiver_attention"))
+def test_perceiver_bad_values_reach_the_rows_that_see_them(backend, poison, dtype):
+    tensors, mask = _perceiver_inputs(dtype)
+    name, index, value = PERCEIVER_POISONS[poison]
+    tensors[name][index] = value
+    out = vk.perceiver_attention(**tensors, media_padding_mask=mask, backend=backend)
+    ref = perceiver_attention_reference(
+        **{key: t.double() for key, t in tensors.items()}, media_padding_mask=mask
+    )
+    required = ref.isnan() & _perceiver_touched_rows(name, index, mask)
+    assert out.isnan()[required].all(), f"{backend}: NaN lost in rows that see the bad value"
+    assert not (out.isnan() & ~ref.isnan()).any(), f"{backend}: NaN where the reference has none"
+    clean = ~ref.isnan()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double()[clean], ref[clean], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", backends_for("perceiver_attention"))
+def test_perceiver_nan_query_row_gives_nan_gradient(backend):
+    tensors, mask = _perceiver_inputs(torch.float32)
+    tensors["q"][1, 3, 2, 7] = float("nan")
+    leaves = {key: t.clone().requires_grad_() for key, t in tensors.items()}
+    out = vk.perceiver_attention(**leaves, media_padding_mask=mask, backend=backend)
+    grad_out = torch.randn_like(out)
+    grad_out[1, 3] = 0  # even with a zero cotangent on that row (0 * NaN = NaN, as autograd does)
+    dq, *_ = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    assert dq[1, 3, 2].isnan().all(), f"{backend}: NaN query row gave a finite dq"
+    assert not dq[0].isnan().any(), f"{backend}: NaN leaked into another item's dq"

@@ -5,8 +5,9 @@ media_padding_mask [B, Nm] bool (True = real token) or None; output [B, Nl, Hq, 
 
 Peers (both concatenate the two key/value segments inside the timed step, which ours avoids):
   sdpa   torch.cat + F.scaled_dot_product_attention (bool key mask [B, 1, 1, Nm + Nl], enable_gqa).
-  eager  OpenFlamingo's PerceiverAttention: cat, q k^T * scale, masked_fill(finfo.min), softmax in
-         fp32, matmul (repeat_kv when Hq > Hkv).
+  eager  OpenFlamingo's PerceiverAttention (open_flamingo/src/helpers.py): cat, q * scale, einsum
+         q k^T, subtract the row max, masked_fill(finfo.min) on padding, softmax, einsum with v
+         (repeat_kv when Hq > Hkv).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ SHAPES = {
     "flamingo-perceiver": Shape(
         OP,
         "flamingo-perceiver",
-        dict(B=8, Nm=256, **_OPENFLAMINGO),
+        dict(B=16, Nm=4 * 257, **_OPENFLAMINGO),
         variants=("none", "pad"),
-        source="OpenFlamingo PerceiverResampler: 64 latents, 8 heads x 64 (dim 1024); 256 CLIP "
-        "ViT-L/14 tokens per image; B=8 images (b x T)",
+        source="OpenFlamingo PerceiverResampler: 64 latents, 8 heads x 64 (dim 1024); 16 media "
+        "items of 4 frames x 257 CLIP ViT-L/14 tokens (Nm = 1028), the issue's shape",
     ),
     "flamingo-perceiver-video": Shape(
         OP,
@@ -160,11 +161,12 @@ def prepare_eager(inputs: Inputs):
         query = t["q"].transpose(1, 2) * scale  # (B, Hq, Nl, Dh)
         key = repeat_kv(key.transpose(1, 2), n_rep)  # (B, Hq, Nm + Nl, Dh)
         value = repeat_kv(value.transpose(1, 2), n_rep)
-        sim = torch.matmul(query, key.transpose(2, 3))
+        sim = torch.einsum("... i d, ... j d -> ... i j", query, key)
         if key_mask is not None:
             sim = sim.masked_fill(~key_mask, torch.finfo(sim.dtype).min)
-        probs = torch.softmax(sim, dim=-1, dtype=torch.float32).to(query.dtype)
-        return torch.matmul(probs, value).transpose(1, 2)  # (B, Nl, Hq, Dh)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        probs = sim.softmax(dim=-1)
+        return torch.einsum("... i j, ... j d -> ... i d", probs, value).transpose(1, 2)
 
     return run
 
@@ -181,7 +183,7 @@ SPEC = OpSpec(
         ),
         Peer(
             "eager",
-            "OpenFlamingo PerceiverAttention: cat, matmul, masked fp32 softmax, matmul",
+            "OpenFlamingo PerceiverAttention: cat, einsum, max-subtracted softmax, einsum",
             prepare_eager,
         ),
     ),

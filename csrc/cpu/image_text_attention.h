@@ -10,10 +10,9 @@
 
 #include <cstdint>
 
-namespace vlmk {
+#include "cpu/attention_types.h"
 
-// Element type of q, k, v, out and the gradients (float16 is converted to float32 by the glue).
-enum class AttentionDtype : int32_t { kFloat32 = 0, kBFloat16 = 1 };
+namespace vlmk {
 
 // What a row that sees no chunk computes (values match the Python glue's empty_rows codes).
 enum class EmptyRows : int32_t {

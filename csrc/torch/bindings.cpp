@@ -11,6 +11,7 @@
 #include "torch/ops.h"
 #include "torch/patch_embed_cpu.h"
 #include "torch/patch_embed_gpu.h"
+#include "torch/perceiver_attention_cpu.h"
 
 #ifndef VLMK_CUDA_ARCHS
 #define VLMK_CUDA_ARCHS ""
@@ -56,6 +57,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_embed_bwd_cpu", &vlmk::patch_embed_bwd_cpu, "grad_out"_a, "pixels"_a, "weight"_a,
         "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
   m.def("patch_embed_cpu_supported", &vlmk::patch_embed_cpu_supported);
+  m.def("perceiver_attention_fwd_cpu", &vlmk::perceiver_attention_fwd_cpu, "q"_a, "k_media"_a,
+        "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a, "scale"_a);
+  m.def("perceiver_attention_bwd_cpu", &vlmk::perceiver_attention_bwd_cpu, "grad_out"_a, "q"_a,
+        "k_media"_a, "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a, "out"_a,
+        "lse"_a, "scale"_a);
+  m.def("perceiver_attention_cpu_supported", &vlmk::perceiver_attention_cpu_supported);
   m.def("image_text_attention_fwd_cuda_sim", &vlmk::image_text_attention_fwd_cuda_sim, "q"_a, "k"_a,
         "v"_a, "media_mask"_a, "media_len"_a, "scale"_a, "uniform"_a);
   m.def("image_text_attention_bwd_cuda_sim", &vlmk::image_text_attention_bwd_cuda_sim, "grad_out"_a,

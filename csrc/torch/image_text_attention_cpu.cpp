@@ -4,27 +4,19 @@
 // vlm_kernels._C.
 #include "torch/image_text_attention_cpu.h"
 
-#include <ATen/Context.h>
-
 #include <cmath>
 #include <limits>
 
 #include "cpu/image_text_attention.h"
+#include "torch/attention_cpu_glue.h"
 
 namespace vlmk {
 namespace {
 
+constexpr const char* kOp = "image_text_attention (cpu): ";
+
 void check_floating(const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), "image_text_attention (cpu): ", name,
-              " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
-                  t.scalar_type() == at::kHalf,
-              "image_text_attention (cpu): ", name, " must be float32, bfloat16 or float16, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, "image_text_attention (cpu): ", name, " must be 4-D, got shape ",
-              t.sizes());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "image_text_attention (cpu): ", name,
-              " must have a contiguous last dim (stride(-1) == 1), got strides ", t.strides());
+  attention_glue::check_floating(kOp, name, t);
 }
 
 // Sizes shared by the forward and the backward.
@@ -75,18 +67,9 @@ Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return out;
 }
 
-// The kernels compute in float32 or bfloat16; float16 goes through float32, and so does bfloat16
-// when oneDNN is switched off (torch.backends.mkldnn.enabled = False: no bfloat16 brgemm then).
-bool runs_as_float32(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf ||
-         (t.scalar_type() == at::kBFloat16 && !at::globalContext().userEnabledMkldnn());
-}
-
-at::Tensor compute_view(const at::Tensor& t) { return runs_as_float32(t) ? t.to(at::kFloat) : t; }
-
-AttentionDtype kernel_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 ? AttentionDtype::kBFloat16 : AttentionDtype::kFloat32;
-}
+using attention_glue::compute_view;
+using attention_glue::kernel_dtype;
+using attention_glue::runs_as_float32;
 
 const uint8_t* mask_data(const at::Tensor& media_mask) {
   return reinterpret_cast<const uint8_t*>(media_mask.const_data_ptr<bool>());

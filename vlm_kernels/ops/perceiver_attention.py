@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from vlm_kernels._backends import _extension
 from vlm_kernels._checks import (
     FLOAT_DTYPES,
     check_backend,
@@ -227,6 +228,33 @@ def _backward_reference(
 
 TABLE.forward["reference"] = _forward_reference
 TABLE.backward["reference"] = _backward_reference
+
+
+def _forward_cpu(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale):
+    return _extension()[0].perceiver_attention_fwd_cpu(
+        q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale
+    )
+
+
+def _backward_cpu(
+    grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+):
+    return _extension()[0].perceiver_attention_bwd_cpu(
+        grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+    )
+
+
+def _cpu_supported() -> bool:
+    """The C++ kernels need AVX-512 (checked at run time by the extension)."""
+    extension = _extension()[0]
+    return extension is not None and extension.perceiver_attention_cpu_supported()
+
+
+TABLE.forward["cpu"] = _forward_cpu
+TABLE.backward["cpu"] = _backward_cpu
+TABLE.usable["cpu"] = _cpu_supported
+# The C++ kernels take 16/32-bit floats; float64 stays on the reference.
+TABLE.dtypes["cpu"] = FLOAT_DTYPES
 
 
 def _forward_triton(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale):

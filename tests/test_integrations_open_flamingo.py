@@ -129,3 +129,28 @@ def test_patch_is_per_instance_touches_no_class_and_reverts():
         assert torch.equal(block(**inputs), before)
     with pytest.raises(TypeError, match="PerceiverAttention or MaskedCrossAttention"):
         apply_vlm_kernels_to_open_flamingo(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_our_resampler_module_equals_the_real_one_on_its_state_dict(backend):
+    """vlm_kernels.nn.PerceiverResampler (on the perceiver_attention kernels with backend=None)
+    loads the real OpenFlamingo PerceiverResampler's state dict as it is and computes the same
+    output and input gradient."""
+    from vlm_kernels.nn import PerceiverResampler
+
+    torch.manual_seed(0)
+    sizes = dict(dim=32, depth=2, dim_head=16, heads=2, num_latents=4, max_num_media=3)
+    theirs = helpers.PerceiverResampler(**sizes, max_num_frames=3, ff_mult=2)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(0, 0.2)  # O(1) random weights: every path reaches the output
+    ours = PerceiverResampler(**sizes, max_num_frames=3, ff_mult=2, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 2, 3, 5, 32)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, atol=2e-5, rtol=1e-4)
+    cotangent = torch.randn_like(out_theirs)
+    (grad_ours,) = torch.autograd.grad(out_ours, x_ours, cotangent)
+    (grad_theirs,) = torch.autograd.grad(out_theirs, x_theirs, cotangent)
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=5e-5, rtol=1e-4)

@@ -24,6 +24,7 @@ from tests.devices import ON_CUDA
 from vlm_kernels.tools.gpu_report import (
     SHARED_MEMORY_LIMIT,
     Row,
+    count_ptx_instructions,
     format_table,
     main,
     parse_ptxas_log,
@@ -170,6 +171,31 @@ def test_every_registered_config_and_arch_is_reported(registered_rows):
         text = log.read_text()
         assert f"Used {row.registers} registers" in text
         assert f"for '{row.arch}'" in text
+
+
+def test_triton_rows_count_tensor_core_instructions(registered_rows):
+    """Triton rows carry the PTX's MMA / ldmatrix / cp.async counts: the 16-bit attention forward runs
+    on tensor cores (mma.sync on sm_80, wgmma on sm_90a); the float32 backward's FMA dots do not."""
+    rows, _ = registered_rows
+    assert all(r.tensor_core_ops is not None for r in rows if r.source == "triton")
+    forward = [r for r in rows if r.kernel.startswith("image_text_attention_fwd[bf16")]
+    assert {r.arch for r in forward} == {"sm_80", "sm_90a"}
+    assert all(r.tensor_core_ops > 0 for r in forward)
+    fma = [r for r in rows if r.kernel.startswith("image_text_attention_bwd_dq[fp32,") and r.ok]
+    assert fma and all(r.tensor_core_ops == 0 for r in fma)
+
+
+def test_count_ptx_instructions():
+    ptx = """
+        mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1}, {%r2}, {%f5};
+        @%p3 wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 1, 1;
+        ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r1, %r2, %r3, %r4}, [%r5];
+        cp.async.cg.shared.global [ %r6 + 0 ], [ %rd3 + 0 ], 0x10, %r7;
+        cp.async.commit_group;
+        cp.async.wait_group 0;
+        // mma.sync in a comment is not an instruction
+    """
+    assert count_ptx_instructions(ptx) == (2, 1, 1)
 
 
 def test_repository_cuda_sources_compile_without_spills(tmp_path):

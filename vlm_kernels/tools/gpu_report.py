@@ -24,6 +24,8 @@ glob matches the demangled kernel name, template arguments included). Each CUDA 
 - tensor-core instructions in the SASS (``cuobjdump -sass``: HMMA / HGMMA / IMMA / DMMA), and the
   ldmatrix (LDSM) and cp.async (LDGSTS) counts beside them; a kernel declared tensor-core with a
   ``// gpu-report: <glob> tensor_cores`` line fails when it has none.
+Triton rows carry the same three counts, read from the PTX Triton generated (``mma.sync`` /
+``wgmma.mma_async``, ``ldmatrix``, ``cp.async`` copies: each becomes one HMMA / HGMMA, LDSM, LDGSTS).
 
 Without nvcc the ``.cu`` rows are reported as skipped, with the reason, and do not fail the report.
 
@@ -267,6 +269,7 @@ def _compile_triton_into(
     ptx = compiled.asm["ptx"]
     ptx_path = Path(f"{stem}.ptx")
     ptx_path.write_text(ptx)
+    row.tensor_core_ops, row.ldmatrix_ops, row.cp_async_ops = count_ptx_instructions(ptx)
     row.arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
     row.shared_memory = compiled.metadata.shared
     row.shared_memory_limit = SHARED_MEMORY_LIMIT.get(arch)
@@ -370,6 +373,9 @@ _TENSOR_CORE_RE = re.compile(r"\b(?:HMMA|HGMMA|IMMA|IGMMA|DMMA|BMMA|QMMA)\b")
 _LDSM_RE = re.compile(r"\bLDSM\b")
 _LDGSTS_RE = re.compile(r"\bLDGSTS\b")
 _FUNCTION_RE = re.compile(r"^\s*Function : (\S+)", re.MULTILINE)
+_PTX_MMA_RE = re.compile(r"^\s*(?:@%p\d+\s+)?(?:mma\.sync|wgmma\.mma_async)\.", re.MULTILINE)
+_PTX_LDMATRIX_RE = re.compile(r"^\s*(?:@%p\d+\s+)?ldmatrix\.", re.MULTILINE)
+_PTX_CP_ASYNC_RE = re.compile(r"^\s*(?:@%p\d+\s+)?cp\.async\.(?:ca|cg|bulk)\.", re.MULTILINE)
 _PTX_ENTRY_RE = re.compile(r"\.entry\s+([\w$]+)\s*\(([^{]*)\{", re.DOTALL)
 _DECLARATION_RE = re.compile(r"//\s*gpu-report:\s*(\S+)\s+(.+)$", re.MULTILINE)
 
@@ -395,6 +401,15 @@ def parse_launch_bounds(ptx: str) -> dict[str, LaunchBounds]:
             bounds.min_blocks = int(found.group(1))
         result[match.group(1)] = bounds
     return result
+
+
+def count_ptx_instructions(ptx: str) -> tuple[int, int, int]:
+    """(tensor-core MMA, ldmatrix, cp.async copy) instructions of a PTX module."""
+    return (
+        len(_PTX_MMA_RE.findall(ptx)),
+        len(_PTX_LDMATRIX_RE.findall(ptx)),
+        len(_PTX_CP_ASYNC_RE.findall(ptx)),
+    )
 
 
 def count_sass_instructions(sass: str) -> dict[str, tuple[int, int, int]]:

@@ -9,8 +9,8 @@
 //   dk/dv       grid (ceil(Nm / 64) + ceil(Nl / 64), Hkv, B): a block owns 64 keys of one segment
 //               (media blocks first) and one kv head, stages K/V once and walks every query block
 //               of 32 latent rows times the query heads of the kv group (dkdv_tile_step; GQA sums
-//               in registers, no atomics: deterministic). Padded media keys get P = 0, so their
-//               dk and dv are 0.
+//               in registers, no atomics: deterministic). Padded media keys get dk = dv = 0
+//               exactly (a select on their accumulator rows).
 //   dq          grid (ceil(Nl / 64), Hq, B): a block owns 64 rows of one query head, stages Q and
 //               dO once and walks the K/V tiles of 32 keys of the media segment, then the latent
 //               segment (dq_tile_step), padded media keys masked.
@@ -178,19 +178,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T>())
   }
   const float scale_log2 = p.scale * kLog2e;
   const int m0 = 16 * warp;  // this warp's keys in the block
-  // Keys past the segment's end (zero-filled) and padded media keys get P = 0: rows g and g + 8
-  // of the warp's 16 keys.
-  bool key_ok[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int key = m0 + lane / 4 + 8 * half;
-    key_ok[half] = key < keys_valid;
-    if (key_ok[half] && media && p.media_padding_mask != nullptr) {
-      key_ok[half] =
-          p.media_padding_mask[batch * p.mask_stride_batch + (key0 + key) * p.mask_stride_token] !=
-          0;
-    }
-  }
+  // Keys past the segment's end (zero-filled) get P = 0: rows g and g + 8 of the warp's 16 keys.
+  // Padded media keys are not masked in the loop: a key's P and dS reach only its own rows of dK
+  // and dV, which the epilogue sets to 0 by a select (the padding flags held across the loop cost
+  // ptxas 8 bytes of spills at Dh = 128, 16-bit, sm_90a).
+  const bool key_ok[2] = {m0 + lane / 4 < keys_valid, m0 + lane / 4 + 8 < keys_valid};
 
   const int steps = ((num_latents + kBlockM - 1) / kBlockM) * group;
   prefetch(0, 0);
@@ -210,6 +202,24 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T>())
                                               delta_s + stage * kBlockM,
                                               visible_s + stage * kBlockM, key_ok, m0, scale_log2);
     __syncthreads();  // every warp is done with this stage before the next prefetch refills it
+  }
+  if (media && p.media_padding_mask != nullptr) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = m0 + lane / 4 + 8 * half;
+      const bool padded =
+          key < keys_valid &&
+          p.media_padding_mask[batch * p.mask_stride_batch + (key0 + key) * p.mask_stride_token] ==
+              0;
+#pragma unroll
+      for (int j = 0; j < kDimTiles; ++j) {
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          dk_acc[j].x[e] = padded ? 0.0f : dk_acc[j].x[e];
+          dv_acc[j].x[e] = padded ? 0.0f : dv_acc[j].x[e];
+        }
+      }
+    }
   }
   store_acc<T, kHeadDim>(dk, out_stride, dk_acc, m0, keys_valid, p.scale);
   store_acc<T, kHeadDim>(dv, out_stride, dv_acc, m0, keys_valid, 1.0f);

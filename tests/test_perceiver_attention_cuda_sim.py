@@ -54,16 +54,21 @@ def padding_mask(batch: int, num_media: int, kind: str) -> torch.Tensor | None:
     return mask
 
 
-def make_inputs(batch, num_latents, num_media, heads_q, heads_kv, head_dim, dtype, strided=False):
-    """q, k_media, v_media, k_latents, v_latents (fresh random). ``strided``: every tensor is a slice
-    of a fused tensor (the layout of a fused kv / qkv projection), last dim contiguous."""
-    if strided:
-        media = torch.randn(batch, num_media, 2 * heads_kv + 1, head_dim).to(dtype)
+def make_inputs(batch, num_latents, num_media, heads_q, heads_kv, head_dim, dtype, strided=None):
+    """q, k_media, v_media, k_latents, v_latents (fresh random). ``strided="fused"``: every tensor is a
+    slice of a fused tensor (the layout of a fused kv / qkv projection; rows stay 16-byte aligned, so
+    the kernels stage them with cp.async); ``strided="unaligned"``: also slices, but k_media / v_media
+    start one element into a wider last dim, so their rows are not 16-byte aligned and the kernels
+    stage every tile with plain loads. The last dim stays contiguous."""
+    if strided is not None:
+        pad = 1 if strided == "unaligned" else 0
+        media = torch.randn(batch, num_media, 2 * heads_kv + 1, head_dim + pad).to(dtype)
         latents = torch.randn(batch, num_latents, heads_q + 2 * heads_kv, head_dim).to(dtype)
         q = latents[:, :, :heads_q]
         k_latents = latents[:, :, heads_q : heads_q + heads_kv]
         v_latents = latents[:, :, heads_q + heads_kv :]
-        k_media, v_media = media[:, :, 1 : 1 + heads_kv], media[:, :, 1 + heads_kv :]
+        k_media = media[:, :, 1 : 1 + heads_kv, pad:]
+        v_media = media[:, :, 1 + heads_kv :, pad:]
         return q, k_media, v_media, k_latents, v_latents
     q = torch.randn(batch, num_latents, heads_q, head_dim).to(dtype)
     k_media = torch.randn(batch, num_media, heads_kv, head_dim).to(dtype)
@@ -125,18 +130,19 @@ def check_case(inputs, mask, *, backward=True, scale=None):
         assert_within_policy(name, ours, lowp, ref, dtype)
 
 
-# (Nm, Nl): Nm 1 / 5 / 257 (a partial key tile of 32 and of 64 in each segment), Nl 1 / 8 / 64 (a
-# partial query block, a full one). The emulator is slow: the big combinations are marked slow.
+# (Nm, Nl): every pair of Nm 1 / 5 / 257 (partial key tiles of 32 and dk/dv blocks of 64 in the media
+# segment) and Nl 1 / 8 / 64 (a partial query block, a full one). The emulator is slow: the biggest pair
+# is marked slow (the whole grid took 18 s on 2 workers here).
 SIZES = [
     (1, 1),
-    (5, 8),
+    (1, 8),
     (1, 64),
+    (5, 1),
+    (5, 8),
+    (5, 64),
+    (257, 1),
     (257, 8),
-    pytest.param(5, 64, marks=pytest.mark.slow),
-    pytest.param(257, 1, marks=pytest.mark.slow),
     pytest.param(257, 64, marks=pytest.mark.slow),
-    pytest.param(1, 8, marks=pytest.mark.slow),
-    pytest.param(5, 1, marks=pytest.mark.slow),
 ]
 
 
@@ -186,10 +192,12 @@ def test_head_dims(head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_views(dtype):
-    """Slices of fused tensors: rows not 16-byte aligned for some (plain loads instead of cp.async)."""
-    inputs = make_inputs(2, 8, 21, 2, 1, 64, dtype, strided=True)
+@pytest.mark.parametrize("strided", ["fused", "unaligned"])
+def test_strided_views(strided, dtype):
+    """Slices of fused tensors; "unaligned": rows off 16-byte alignment (plain loads, not cp.async)."""
+    inputs = make_inputs(2, 8, 21, 2, 1, 64, dtype, strided=strided)
     assert not inputs[0].is_contiguous() and not inputs[1].is_contiguous()
+    assert (inputs[1].data_ptr() % 16 != 0) == (strided == "unaligned")
     check_case(inputs, padding_mask(2, 21, "random"))
 
 

@@ -299,3 +299,15 @@ def test_extension_checks_guard_direct_callers():
             None,
             0.125,
         )
+
+
+def test_opcheck():
+    """The custom op with this backend under torch.library.opcheck (schema, fake tensors, autograd
+    registration, AOT dispatch)."""
+    from vlm_kernels.ops.perceiver_attention import perceiver_attention_op
+
+    inputs = make_inputs(1, 8, 9, 2, 1, 64, torch.float32)
+    inputs = [t.requires_grad_() for t in inputs]
+    mask = padding_mask(1, 9, "random")
+    torch.library.opcheck(perceiver_attention_op, (*inputs, mask, 0.125, BACKEND))
+    torch.library.opcheck(perceiver_attention_op, (*inputs, None, 0.125, BACKEND))

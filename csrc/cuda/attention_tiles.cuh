@@ -6,6 +6,7 @@
 //   load_tile             a [rows, Dh] global tile into padded shared rows (cp.async or plain)
 //   store_acc / zero_rows a warp's 16 x Dh accumulator to global / zeroed rows
 //   aligned_16            (host) whether a tensor's rows allow 16-byte cp.async
+//   DkdvTiles / DqTiles   the shared-memory plans of a dk/dv block and a dq block
 //   row_dot               delta = sum_d dO * O of one row, by one warp (backward preprocess)
 //   forward_tile_step     the online-softmax step of one K/V tile: S = Q K^T, mask, running max
 //                         and sum, O += P V

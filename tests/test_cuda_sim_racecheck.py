@@ -153,3 +153,44 @@ def test_block_chunk_schedule_race_free_under_schedules(schedule, seed):
         count, ids = vk.block_chunk_schedule(mask, 16, backend="cuda_sim")
     assert torch.equal(count, want_count)
     assert torch.equal(ids, want_ids)
+
+
+# perceiver_attention, forward and backward (dk/dv + dq passes, the preprocess): two segments with
+# partial tiles in both (Nm 37 / Nl 8: a key tile of 32 and a dk/dv block of 64 cut short), a padded
+# media item and an all-padding one, GQA (the dk/dv block walks the group's heads), Nl 70 (two
+# query blocks of 64 rows, three dk/dv steps of 32), and strided views: aligned slices of fused
+# tensors (cp.async) and unaligned ones (plain loads, whose stores race at once with a missing
+# barrier; a cp.async write is recorded at its wait).
+PERCEIVER_CASES = [
+    # (batch, Nl, Nm, Hq, Hkv, Dh, strided)
+    (2, 8, 37, 4, 2, 64, None),
+    (1, 70, 5, 2, 1, 80, None),
+    (1, 8, 21, 2, 1, 64, "fused"),
+    (1, 8, 37, 2, 1, 64, "unaligned"),
+]
+
+
+def _perceiver_race_check(case, dtype):
+    from tests.test_perceiver_attention_cuda_sim import check_case, make_inputs
+
+    batch, num_latents, num_media, heads_q, heads_kv, head_dim, strided = case
+    inputs = make_inputs(
+        batch, num_latents, num_media, heads_q, heads_kv, head_dim, dtype, strided=strided
+    )
+    mask = torch.rand(batch, num_media) < 0.5
+    mask[0, 0] = True
+    mask[-1] = False if batch > 1 else mask[-1]
+    check_case(inputs, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PERCEIVER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_perceiver_attention_is_race_free(case, dtype):
+    with simt_settings(racecheck=True):
+        _perceiver_race_check(case, dtype)
+
+
+@pytest.mark.parametrize("schedule,seed", SCHEDULES, ids=lambda v: str(v))
+def test_perceiver_attention_under_other_schedules(schedule, seed):
+    with simt_settings(racecheck=True, schedule=schedule, seed=seed, num_threads=1):
+        _perceiver_race_check(PERCEIVER_CASES[0], torch.float16)

@@ -12,6 +12,7 @@
 #include "torch/patch_embed_cpu.h"
 #include "torch/patch_embed_gpu.h"
 #include "torch/perceiver_attention_cpu.h"
+#include "torch/perceiver_attention_gpu.h"
 
 #ifndef VLMK_CUDA_ARCHS
 #define VLMK_CUDA_ARCHS ""
@@ -33,6 +34,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
   m.def("concat_project_fwd_cuda", &vlmk::concat_project_fwd_cuda, "features"_a, "weight"_a,
         "bias"_a);
+  m.def("perceiver_attention_fwd_cuda", &vlmk::perceiver_attention_fwd_cuda, "q"_a, "k_media"_a,
+        "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a, "scale"_a);
+  m.def("perceiver_attention_bwd_cuda", &vlmk::perceiver_attention_bwd_cuda, "grad_out"_a, "q"_a,
+        "k_media"_a, "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a, "out"_a,
+        "lse"_a, "scale"_a);
   m.def("concat_project_bwd_cuda", &vlmk::concat_project_bwd_cuda, "grad_out"_a, "features"_a,
         "weight"_a);
 #else
@@ -76,6 +82,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bias"_a);
   m.def("concat_project_bwd_cuda_sim", &vlmk::concat_project_bwd_cuda_sim, "grad_out"_a,
         "features"_a, "weight"_a);
+  m.def("perceiver_attention_fwd_cuda_sim", &vlmk::perceiver_attention_fwd_cuda_sim, "q"_a,
+        "k_media"_a, "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a, "scale"_a);
+  m.def("perceiver_attention_bwd_cuda_sim", &vlmk::perceiver_attention_bwd_cuda_sim, "grad_out"_a,
+        "q"_a, "k_media"_a, "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a,
+        "out"_a, "lse"_a, "scale"_a);
   // The SIMT emulator's settings for the cuda_sim launches that follow (the SIMT_* environment
   // variables are read once per process). Arguments left None keep their value; returns the
   // previous settings as a dict, which can be passed back to restore them.

@@ -279,3 +279,63 @@ def _backward_triton(
 TABLE.forward["triton"] = _forward_triton
 TABLE.backward["triton"] = _backward_triton
 TABLE.dtypes["triton"] = FLOAT_DTYPES  # 16/32-bit floats; float64 stays on the reference
+
+
+# CUDA: the tensor-core forward and backward (dk/dv pass per key block of either segment + dq pass;
+# deterministic), and the same source under the SIMT emulator on CPU tensors (cuda_sim).
+CUDA_HEAD_DIMS = (64, 80, 96, 128)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_cuda_inputs(function_name: str, q: torch.Tensor) -> None:
+    if q.dtype not in CUDA_DTYPES:
+        raise ValueError(
+            f"{function_name} supports dtypes {CUDA_DTYPES}, got q of {q.dtype}; use "
+            f"backend='reference' for float64"
+        )
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        raise ValueError(
+            f"{function_name} supports head dims {CUDA_HEAD_DIMS}, got Dh={q.shape[-1]}"
+        )
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _compiled_forward(function_name: str):
+    """A forward kernel of vlm_kernels._C."""
+
+    def kernel(q, k_media, v_media, k_latents, v_latents, media_padding_mask, scale):
+        _check_cuda_inputs(function_name, q)
+        tensors = (_last_dim_contiguous(x) for x in (q, k_media, v_media, k_latents, v_latents))
+        function = getattr(_extension()[0], function_name)
+        return function(*tensors, media_padding_mask, scale)
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+def _compiled_backward(function_name: str):
+    """A backward kernel of vlm_kernels._C: (dq, dk_media, dv_media, dk_latents, dv_latents)."""
+
+    def kernel(
+        grad_out, q, k_media, v_media, k_latents, v_latents, media_padding_mask, out, lse, scale
+    ):
+        _check_cuda_inputs(function_name, q)
+        tensors = (
+            _last_dim_contiguous(x) for x in (grad_out, q, k_media, v_media, k_latents, v_latents)
+        )
+        function = getattr(_extension()[0], function_name)
+        return function(*tensors, media_padding_mask, _last_dim_contiguous(out), lse.float(), scale)
+
+    kernel.__name__ = function_name
+    return kernel
+
+
+TABLE.forward["cuda"] = _compiled_forward("perceiver_attention_fwd_cuda")
+TABLE.forward["cuda_sim"] = _compiled_forward("perceiver_attention_fwd_cuda_sim")
+TABLE.backward["cuda"] = _compiled_backward("perceiver_attention_bwd_cuda")
+TABLE.backward["cuda_sim"] = _compiled_backward("perceiver_attention_bwd_cuda_sim")
+for _backend in ("cuda", "cuda_sim"):
+    TABLE.dtypes[_backend] = FLOAT_DTYPES  # float64 on auto stays on the reference

@@ -184,6 +184,7 @@ PYTEST_FIRST = (
     "tests/test_nan_propagation.py",
     "tests/test_image_text_attention_triton.py",
     "tests/test_image_text_attention_cuda_sim.py",
+    "tests/test_perceiver_attention_cuda_sim.py",
     "tests/test_block_chunk_schedule.py",
     "tests/test_triton_block_chunk_schedule.py",
 )

@@ -246,8 +246,12 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="head dims"):
         vk.perceiver_attention(q, k_media, v_media, k_latents, v_latents, backend=BACKEND)
     q, k_media, v_media, k_latents, v_latents = make_inputs(1, 4, 5, 2, 1, 64, torch.float64)
-    with pytest.raises(ValueError, match="dtypes"):
+    # float64: the op's kernel table has no CUDA kernel for it (auto keeps it on the reference)...
+    with pytest.raises(ValueError, match=rf"float64\) has no '{BACKEND}' kernel"):
         vk.perceiver_attention(q, k_media, v_media, k_latents, v_latents, backend=BACKEND)
+    # ... and the kernel itself says so to a direct caller.
+    with pytest.raises(ValueError, match="dtypes"):
+        TABLE.forward[BACKEND](q, k_media, v_media, k_latents, v_latents, None, 0.125)
     q, k_media, v_media, k_latents, v_latents = make_inputs(1, 4, 5, 2, 1, 64, torch.float32)
     with pytest.raises(ValueError, match="media_padding_mask"):
         vk.perceiver_attention(

@@ -22,6 +22,7 @@
 // ld_shared / st_shared so that the emulator's race checker sees every access.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -132,6 +133,10 @@ struct TensorOps {  // __half and __nv_bfloat16: mma.m16n8k16, fragments by ldma
     a.f.x[3] = pack(c[1].x[2], c[1].x[3]);
     return a;
   }
+  // 16-bit operands have no hi / lo split: the forward's guarded form is the plain one.
+  __device__ static __forceinline__ void mma_guarded(FragC& c, const A& a, const B& b) {
+    mma(c, a, b);
+  }
   __device__ static __forceinline__ void mma(FragC& c, const A& a, const B& b) {
     if constexpr (std::is_same<T, __half>::value) {
       tc::mma_m16n8k16_f16(c, a.f, b.f, c);
@@ -205,11 +210,30 @@ struct TensorOps<float> {  // 3xTF32 on mma.m16n8k8
     return make_a(odd ? lo_cols[1] : lo_cols[0], odd ? lo_cols[3] : lo_cols[2],
                   odd ? hi_cols[1] : hi_cols[0], odd ? hi_cols[3] : hi_cols[2]);
   }
-  // The small terms first, so that they are not lost against the large one.
+  // The small terms first, so that they are not lost against the large one. With an inf operand
+  // x - hi is NaN (and a_lo * inf + a_hi * inf can be inf - inf): NaN where float32 gives +-inf.
+  // The backward steps use this form (mma_guarded spilled 4-232 B in the float32 backward kernels
+  // at Dh 96 / 128, at 255 registers).
   __device__ static __forceinline__ void mma(FragC& c, const A& a, const B& b) {
     tc::mma_m16n8k8_tf32(c, a.lo, b.hi, c);
     tc::mma_m16n8k8_tf32(c, a.hi, b.lo, c);
     tc::mma_m16n8k8_tf32(c, a.hi, b.hi, c);
+  }
+  // The forward's form: the two small terms in their own accumulator, added clamped to +-FLT_MAX
+  // (a NaN of them dropped), so an inf input gives the float32 result; the inf (or NaN) operand
+  // also reaches the hi * hi product (mma_m16n8k8_3xtf32 in common/mma_ops.cuh does the same).
+  __device__ static __forceinline__ void mma_guarded(FragC& c, const A& a, const B& b) {
+    FragC small;
+    zero_fragment(small);
+    tc::mma_m16n8k8_tf32(small, a.lo, b.hi, small);
+    tc::mma_m16n8k8_tf32(small, a.hi, b.lo, small);
+    tc::mma_m16n8k8_tf32(c, a.hi, b.hi, c);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c.x[e] += fminf(fmaxf(small.x[e], -FLT_MAX), FLT_MAX);
+  }
+  __device__ static __forceinline__ void zero_fragment(FragC& c) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c.x[e] = 0.0f;
   }
 };
 
@@ -347,8 +371,8 @@ __device__ __forceinline__ void forward_tile_step(FragC (&o)[kHeadDim / 8], floa
     for (int j = 0; j < kKeyTiles; j += 2) {
       typename Ops::B b[2];
       Ops::load_b2(b, k_tile, kLd, 8 * j, kd);
-      Ops::mma(s[j], qa, b[0]);
-      Ops::mma(s[j + 1], qa, b[1]);
+      Ops::mma_guarded(s[j], qa, b[0]);
+      Ops::mma_guarded(s[j + 1], qa, b[1]);
     }
   }
   // C element e of n8 tile j: row g + 8 (e / 2), key 8 j + 2 t + (e % 2).
@@ -395,8 +419,8 @@ __device__ __forceinline__ void forward_tile_step(FragC (&o)[kHeadDim / 8], floa
     for (int dn = 0; dn < kHeadDim; dn += 16) {
       typename Ops::B b[2];
       Ops::load_b2_trans(b, v_tile, kLd, kk, dn);
-      Ops::mma(o[dn / 8], pa, b[0]);
-      Ops::mma(o[dn / 8 + 1], pa, b[1]);
+      Ops::mma_guarded(o[dn / 8], pa, b[0]);
+      Ops::mma_guarded(o[dn / 8 + 1], pa, b[1]);
     }
   }
 }

@@ -54,6 +54,7 @@
 #include "common/tensor_core.cuh"
 #include "cuda/attention_tiles.cuh"
 #include "cuda/perceiver_attention.h"
+#include "cuda/perceiver_tiles.cuh"
 
 #if defined(VLMK_SIMT)
 #define VLMK_PAB_NAMESPACE sim
@@ -244,24 +245,15 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T>())
   const int64_t batch = blockIdx.z;
   const int64_t kv_head = head / (p.heads_q / p.heads_kv);
   const int num_latents = static_cast<int>(p.num_latents);
-  const int num_media = static_cast<int>(p.num_media);
   const int rows_valid = min(kBlockM, num_latents - row0);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int m0 = 16 * warp;
 
-  const T* k_media = static_cast<const T*>(p.k_media) + batch * p.k_media_stride_batch +
-                     kv_head * p.k_media_stride_head;
-  const T* v_media = static_cast<const T*>(p.v_media) + batch * p.v_media_stride_batch +
-                     kv_head * p.v_media_stride_head;
-  const T* k_latents = static_cast<const T*>(p.k_latents) + batch * p.k_latents_stride_batch +
-                       kv_head * p.k_latents_stride_head;
-  const T* v_latents = static_cast<const T*>(p.v_latents) + batch * p.v_latents_stride_batch +
-                       kv_head * p.v_latents_stride_head;
+  const PerceiverSegments<T, kBlockN, kHeadDim> segments(p, batch, kv_head);
   const uint8_t* padding =
       p.media_padding_mask ? p.media_padding_mask + batch * p.mask_stride_batch : nullptr;
-  const int media_tiles = (num_media + kBlockN - 1) / kBlockN;
-  const int tiles = media_tiles + (num_latents + kBlockN - 1) / kBlockN;
+  const int tiles = segments.tiles;
 
   load_tile<T, kBlockM, kHeadDim>(q_s, kLd,
                                   static_cast<const T*>(p.q) + batch * p.q_stride_batch +
@@ -272,17 +264,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T>())
                                       row0 * p.grad_stride_token + head * p.grad_stride_head,
                                   p.grad_stride_token, rows_valid, async);
   auto prefetch = [&](int tile, int stage) {
-    const bool media = tile < media_tiles;
-    const int key0 = (media ? tile : tile - media_tiles) * kBlockN;
-    const int keys_valid = min(kBlockN, (media ? num_media : num_latents) - key0);
-    const int64_t k_stride = media ? p.k_media_stride_token : p.k_latents_stride_token;
-    const int64_t v_stride = media ? p.v_media_stride_token : p.v_latents_stride_token;
-    load_tile<T, kBlockN, kHeadDim>(k_s + stage * Shape::kKvTile, kLd,
-                                    (media ? k_media : k_latents) + key0 * k_stride, k_stride,
-                                    keys_valid, async);
-    load_tile<T, kBlockN, kHeadDim>(v_s + stage * Shape::kKvTile, kLd,
-                                    (media ? v_media : v_latents) + key0 * v_stride, v_stride,
-                                    keys_valid, async);
+    segments.load(tile, k_s + stage * Shape::kKvTile, v_s + stage * Shape::kKvTile, kLd, async);
   };
   prefetch(0, 0);
   tc::cp_async_commit();  // with Q and dO
@@ -313,10 +295,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<T>())
       tc::cp_async_wait<0>();
     }
     __syncthreads();  // Q / dO (first tile) and this stage's K / V are visible
-    const bool media = tile < media_tiles;
-    const int key0 = (media ? tile : tile - media_tiles) * kBlockN;
-    const int keys_valid = min(kBlockN, (media ? num_media : num_latents) - key0);
-    const uint8_t* tile_padding = media && padding ? padding + key0 * p.mask_stride_token : nullptr;
+    const auto keys = segments.keys(tile, padding, p.mask_stride_token);
+    const int keys_valid = keys.valid;
+    const uint8_t* tile_padding = keys.padding;
     const int64_t mask_stride = p.mask_stride_token;
     dq_tile_step<T, kHeadDim, kBlockN, kLd>(
         dq_acc, q_s, do_s, k_s + stage * Shape::kKvTile, v_s + stage * Shape::kKvTile, m0, lse2,

@@ -50,6 +50,12 @@ def test_dry_run_writes_the_report(tmp_path):
     }  # every config of every kernel
     report = (out / "report.md").read_text()
     assert "| configs | ok |" in report and "sdpa_nomask" in report
+    # The bench stage times every op against its peers (the dry run: the reference, on the CPU).
+    bench_rows = stages["bench"]["figures"]["rows"]
+    ops = {"image_text_attention", "perceiver_attention", "patch_embed", "concat_project"}
+    assert {r["op"] for r in bench_rows} == ops
+    assert all(r["status"] == "ok" for r in bench_rows if r["provider"] == "vk-reference")
+    assert all(f"| {op} | tiny |" in report for op in ops)
     # Decode, eager vs CUDA graph: the eager path timed, the graph rows skipped with the reason.
     decode = stages["bench"]["figures"]["decode_graph"]
     assert {(r["what"].split()[0], r["batch"]) for r in decode} == {

@@ -519,13 +519,58 @@ def stage_configs(result: StageResult, logs: Path, budget_s: float, dry_run: boo
 
 # ---- stage 5: benchmarks ---------------------------------------------------------------------------------
 
-BENCH_PROVIDERS = ("vk-triton", "vk-cuda", "sdpa", "sdpa_nomask", "flex")
-BENCH_PLAN = (  # (shape, variants, modes)
-    ("mllama-11b", ("1of4", "causal", "all", "random"), ("fwd", "fwd_bwd")),
-    ("mllama-11b-decode", ("last", "all", "random"), ("fwd",)),
+_ATTENTION_PROVIDERS = ("vk-triton", "vk-cuda", "sdpa", "sdpa_nomask", "flex")
+# (op, shape, variants, modes, providers); "vs peer" is against sdpa where it runs, else the op's
+# default baseline (conv for patch_embed, cat_linear for concat_project).
+BENCH_PLAN = (
+    (
+        "image_text_attention",
+        "mllama-11b",
+        ("1of4", "causal", "all", "random"),
+        ("fwd", "fwd_bwd"),
+        _ATTENTION_PROVIDERS,
+    ),
+    (
+        "image_text_attention",
+        "mllama-11b-decode",
+        ("last", "all", "random"),
+        ("fwd",),
+        _ATTENTION_PROVIDERS,
+    ),
+    (
+        "perceiver_attention",
+        "flamingo-perceiver",
+        ("none", "pad"),
+        ("fwd", "fwd_bwd"),
+        ("vk-triton", "vk-cuda", "sdpa", "eager"),
+    ),
+    (
+        "patch_embed",
+        "clip-vit-l14-336",
+        ("float", "uint8"),
+        ("fwd", "fwd_bwd"),
+        ("vk-triton", "vk-cuda", "conv", "unfold_linear", "mm"),
+    ),
+    (
+        "concat_project",
+        "mllama-projector",
+        ("default",),
+        ("fwd", "fwd_bwd"),
+        ("vk-triton", "vk-cuda", "cat_linear"),
+    ),
 )
-DRY_RUN_PROVIDERS = ("vk-triton", "vk-reference", "sdpa", "sdpa_nomask")
-DRY_RUN_PLAN = (("tiny", ("1of4", "all"), ("fwd",)),)
+DRY_RUN_PLAN = (
+    (
+        "image_text_attention",
+        "tiny",
+        ("1of4", "all"),
+        ("fwd",),
+        ("vk-triton", "vk-reference", "sdpa", "sdpa_nomask"),
+    ),
+    ("perceiver_attention", "tiny", ("pad",), ("fwd",), ("vk-reference", "sdpa")),
+    ("patch_embed", "tiny", ("uint8",), ("fwd",), ("vk-reference", "conv", "mm")),
+    ("concat_project", "tiny", ("default",), ("fwd",), ("vk-reference", "cat_linear")),
+)
 
 
 def matmul_tflops(device: str, dry_run: bool) -> float:
@@ -753,22 +798,22 @@ def stage_bench(result: StageResult, logs: Path, budget_s: float, dry_run: bool)
     log(f"bench: bf16 matmul {peak:.3g} TFLOP/s")
     config = RunConfig(device=device, repeats=1 if dry_run else 10, warmup=1 if dry_run else 3)
     config = RunConfig(**{**asdict(config), "memory": not dry_run, "baselines": ("sdpa",)})
-    names = DRY_RUN_PROVIDERS if dry_run else BENCH_PROVIDERS
-    providers = [registry.get_provider("image_text_attention", name) for name in names]
     rows, skipped = [], 0
     with open(logs / "bench.log", "a") as log_file:
         # First: a few seconds, and the measurement of graph-safe decode (issue 9).
         decode_rows = decode_graph_rows(dry_run, log_file)
-        for shape, variants, modes in DRY_RUN_PLAN if dry_run else BENCH_PLAN:
+        for op, shape, variants, modes, names in DRY_RUN_PLAN if dry_run else BENCH_PLAN:
+            providers = [registry.get_provider(op, name) for name in names]
             for mode in modes:
                 for variant in variants:
-                    case = Case("image_text_attention", shape, variant, "bf16", mode)
+                    case = Case(op, shape, variant, "bf16", mode)
                     if time.monotonic() > deadline:
                         skipped += 1
                         continue
                     for r in run_case(case, providers, config):
                         tflops = r.gflops / 1000 if r.gflops else None
                         row = dict(
+                            op=op,
                             shape=shape,
                             variant=variant,
                             mode=mode,
@@ -776,7 +821,8 @@ def stage_bench(result: StageResult, logs: Path, budget_s: float, dry_run: bool)
                             status=r.status,
                             reason=r.reason,
                             median_ms=r.median_ms,
-                            speedup_vs_sdpa=r.speedup,
+                            baseline=r.baseline,
+                            speedup_vs_baseline=r.speedup,
                             visible_tflops=tflops,
                             of_matmul=tflops / peak if tflops else None,
                             max_abs_err=r.max_abs_err,
@@ -845,16 +891,19 @@ def write_report(out: Path, info: dict, stages: list[StageResult], total_s: floa
     if bench is not None:
         lines += [
             "",
-            f"## image_text_attention, bf16 (device bf16 matmul: "
-            f"{bench.figures['matmul_bf16_tflops']:.3g} TFLOP/s)",
+            f"## the ops, bf16 (device bf16 matmul: "
+            f"{bench.figures['matmul_bf16_tflops']:.3g} TFLOP/s; attention TFLOP/s count visible "
+            f"work only)",
             "",
-            "| shape | mask | mode | provider | median ms | vs SDPA | visible TFLOP/s | of matmul | note |",
-            "|---|---|---|---|---:|---:|---:|---:|---|",
+            "| op | shape | variant | mode | provider | median ms | vs peer | TFLOP/s | of matmul "
+            "| note |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---|",
         ]
         for r in bench.figures["rows"]:
             lines.append(
-                f"| {r['shape']} | {r['variant']} | {r['mode']} | {r['provider']} | "
-                f"{_fmt(r['median_ms'], '.3f')} | {_fmt(r['speedup_vs_sdpa'])} | "
+                f"| {r['op']} | {r['shape']} | {r['variant']} | {r['mode']} | {r['provider']} | "
+                f"{_fmt(r['median_ms'], '.3f')} | {_fmt(r['speedup_vs_baseline'])} "
+                f"{'' if r['speedup_vs_baseline'] is None else 'x ' + r['baseline']} | "
                 f"{_fmt(r['visible_tflops'], '.1f')} | {_fmt(r['of_matmul'], '.0%')} | "
                 f"{'' if r['status'] == 'ok' else r['status'] + ': ' + r['reason'][:80]} |"
             )

@@ -72,6 +72,8 @@ CASES = [
     (2, 3, 14, 42, 14, 64, F32, "float32", True, True, False, "mean"),
     (1, 3, 16, 8, 8, 64, F16, "float16", False, True, True, "std"),
     (2, 3, 16, 16, 8, 64, BF16, "bfloat16", True, False, False, None),
+    # pixels in the GEMM's type, not normalized: the gather's plain copy (float32, odd D)
+    (2, 3, 14, 28, 7, 65, F32, "float32", True, True, False, None),
     (2, 3, 28, 28, 14, 96, F32, "channels_last", True, True, True, "both"),
     (1, 3, 28, 42, 14, 96, F32, "float64", True, True, True, "both"),
     (1, 3, 28, 42, 14, 96, F16, "uint8", True, True, True, "both"),

@@ -5,11 +5,13 @@
 // and of grad_out). GEMMs run on oneDNN's brgemm microkernel through at::native::cpublas::brgemm
 // (AMX tiles for bfloat16 where the CPU has them, AVX-512 for float32), float32 accumulation.
 //
-// Forward, per block: gather + normalize the block's patches into a per-thread A buffer
-// [rows, Kp] (no unfolded copy of the image ever exists), then for each tile of kTileN output
-// columns C = A W^T followed by the epilogue out = C + bias + pos, rounded once to the output
-// dtype and written straight into out [B, N, D]. The block of an image's first patch writes the
-// image's CLS row.
+// Forward: the weight is packed once per call as the B operand, W^T in blocks of
+// kPatchEmbedWeightBlockN columns (pack_weight_blocked). Per block of patch rows: gather +
+// normalize the block's patches into a per-thread A buffer [rows, Kp] (no unfolded copy of the
+// image ever exists; pixels already in the GEMM's type and not normalized are copied), then for
+// each tile of kTileN output columns C = A W^T (one brgemm per weight block) followed by the
+// epilogue out = C + bias + pos, rounded once to the output dtype and written straight into
+// out [B, N, D]. The block of an image's first patch writes the image's CLS row.
 //
 // Backward:
 //   grad_pos (float32) = sum over images of grad_out, then grad_bias = its sum over patch tokens
@@ -59,9 +61,9 @@ using at::Half;
 
 // Patch rows per block at most (the K depth of the weight-gradient GEMM, the M of the others).
 constexpr int64_t kMaxBlockRows = 256;
-// Output columns per forward GEMM call: the C tile [rows, kTileN] float32 stays in L2 next to the
-// A block and the weight tile.
-constexpr int64_t kTileN = 256;
+// Output columns per forward C tile: [rows, kTileN] float32 stays in L2 next to the A block and
+// the weight (128 measured a little faster than 64, 256 and 512 at both ViT shapes, bfloat16).
+constexpr int64_t kTileN = 128;
 // Largest brgemm M and N per call (each distinct shape is JIT-compiled once and cached).
 constexpr int64_t kGemmMaxM = 256;
 constexpr int64_t kGemmMaxN = 512;
@@ -89,6 +91,30 @@ Buffer<T> make_buffer(int64_t count) {
   void* ptr = std::aligned_alloc(64, bytes);
   TORCH_CHECK(ptr != nullptr, "patch_embed (cpu): out of memory allocating ", bytes, " bytes");
   return Buffer<T>(static_cast<T*>(ptr));
+}
+
+// The forward's scratch (packed weight, patch block, C tile): per thread, kept across calls and
+// grown when a call needs more (never shrunk; a few MiB at ViT sizes). Allocated per call, these
+// megabytes were fresh pages every call (glibc maps blocks this large): page faults per bfloat16
+// mllama-shape call went from ~1,160 to ~800 without them (the rest: the output, allocated by
+// ATen, as for any op).
+enum class Scratch { kWeight, kPatches, kTile, kCount };
+template <typename T>
+T* thread_scratch(Scratch slot, int64_t count) {
+  struct Slot {
+    Buffer<char> data;
+    size_t bytes = 0;
+  };
+  thread_local Slot slots[static_cast<int>(Scratch::kCount)];
+  Slot& s = slots[static_cast<int>(slot)];
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
+  if (bytes > s.bytes) {
+    s.data.reset();
+    s.bytes = 0;
+    s.data = make_buffer<char>(static_cast<int64_t>(bytes));
+    s.bytes = bytes;
+  }
+  return reinterpret_cast<T*>(s.data.get());
 }
 
 // ---- GEMM: C[M, N] (+)= A[M, K] B[K, N]; float32 C; bfloat16 B in VNNI layout [K / 2][ldb][2] ---
@@ -279,6 +305,30 @@ struct PixelView {
   }
 };
 
+// Walks the patches first, first + 1, ... of one image, giving the pointer to pixel row (c, u) of
+// each: no division per patch (the gathers call it per patch row of P pixels, where a 64-bit
+// division would cost as much as the copy).
+template <typename Pixel>
+class PatchWalk {
+ public:
+  PatchWalk(const PixelView<Pixel>& view, int64_t b, int64_t first, int64_t c, int64_t u)
+      : view_(view), ptr_(view.patch_row(b, first, c, u)), s_(first % view.cols) {}
+  const Pixel* get() const { return ptr_; }
+  void next() {
+    if (++s_ < view_.cols) {
+      ptr_ += view_.patch * view_.stride_col;
+    } else {  // the first patch of the next patch row
+      s_ = 0;
+      ptr_ += view_.patch * (view_.stride_row - (view_.cols - 1) * view_.stride_col);
+    }
+  }
+
+ private:
+  const PixelView<Pixel>& view_;
+  const Pixel* ptr_;
+  int64_t s_;
+};
+
 // dst[v * dst_stride] = normalized pixel v of one P-wide patch row, v < P.
 template <typename Pixel, typename T>
 inline void load_patch_row(const Pixel* src, int64_t src_stride, float scale, float shift,
@@ -302,10 +352,20 @@ void gather_patches(const PixelView<Pixel>& view, const RowBlock& block, T* a, i
   const int64_t patch = view.patch, k_size = view.channels * patch * patch;
   for (int64_t c = 0; c < view.channels; ++c) {
     for (int64_t u = 0; u < patch; ++u) {
-      for (int64_t row = 0; row < block.rows; ++row) {
-        load_patch_row(view.patch_row(block.image, block.first + row, c, u), view.stride_col,
-                       view.scale[c], view.shift[c], patch, a + row * lda + (c * patch + u) * patch,
-                       1);
+      PatchWalk<Pixel> walk(view, block.image, block.first, c, u);
+      T* dst = a + (c * patch + u) * patch;
+      // Pixels already in the GEMM's type and not normalized: a plain copy (bit for bit, where
+      // x * 1 + 0 would turn -0 into +0).
+      bool copy = false;
+      if constexpr (std::is_same_v<Pixel, T>) {
+        copy = view.stride_col == 1 && view.scale[c] == 1.f && view.shift[c] == 0.f;
+      }
+      for (int64_t row = 0; row < block.rows; ++row, walk.next(), dst += lda) {
+        if (copy) {
+          std::memcpy(dst, walk.get(), patch * sizeof(T));
+        } else {
+          load_patch_row(walk.get(), view.stride_col, view.scale[c], view.shift[c], patch, dst, 1);
+        }
       }
     }
   }
@@ -324,9 +384,9 @@ void gather_patches_t(const PixelView<Pixel>& view, const RowBlock& block, int64
   // Pixel row outer, patches inner: image rows read front to back (see gather_patches).
   for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
     const int64_t c = unit / patch, u = unit % patch;
-    for (int64_t row = 0; row < block.rows; ++row) {
-      load_patch_row(view.patch_row(block.image, block.first + row, c, u), view.stride_col,
-                     view.scale[c], view.shift[c], patch,
+    PatchWalk<Pixel> walk(view, block.image, block.first, c, u);
+    for (int64_t row = 0; row < block.rows; ++row, walk.next()) {
+      load_patch_row(walk.get(), view.stride_col, view.scale[c], view.shift[c], patch,
                      a + (unit - unit_begin) * patch * lda + row, lda);
     }
   }
@@ -338,6 +398,43 @@ void gather_patches_t(const PixelView<Pixel>& view, const RowBlock& block, int64
 }
 
 // ---- forward ------------------------------------------------------------------------------------
+
+// The forward's B operand from the weight W [D, K] (row-major, Out): W^T in blocks of
+// kPatchEmbedWeightBlockN columns, [Dp / nb][Kp / pair][nb][pair] in T (pair = kPair<T>), zeros in
+// the padding (D to a multiple of nb, K to Kp). Packed here rather than by ATen ops in the glue:
+// a permute with an inner dimension of 2 ran at ~570 us per call for a 1024 x 588 weight, as
+// much as a tenth of the bfloat16 forward.
+template <typename Out, typename T>
+void pack_weight_blocked(const Out* w, int64_t d, int64_t k, int64_t k_padded, T* dst) {
+  constexpr int64_t nb = kPatchEmbedWeightBlockN, pair = kPair<T>;
+  at::parallel_for(0, ceil_div(d, nb), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T* block = dst + j * k_padded * nb;
+      for (int64_t col = 0; col < nb; ++col) {
+        const int64_t row = j * nb + col;
+        int64_t kk = 0;
+        if (row < d) {
+          const Out* src = w + row * k;
+          if constexpr (std::is_same_v<Out, T> && sizeof(T) * pair == sizeof(uint32_t)) {
+            // The same type: move whole (pair of) values as 32-bit words, a plain transpose.
+            if (k % pair == 0) {
+              uint32_t* words = reinterpret_cast<uint32_t*>(block);
+              for (; kk < k; kk += pair) {
+                uint32_t word;
+                std::memcpy(&word, src + kk, sizeof(word));
+                words[kk / pair * nb + col] = word;
+              }
+            }
+          }
+          for (; kk < k; ++kk)
+            block[(kk / pair * nb + col) * pair + kk % pair] = from_float<T>(to_float(src[kk]));
+        }
+        for (; kk < k_padded; ++kk)
+          block[(kk / pair * nb + col) * pair + kk % pair] = from_float<T>(0.f);
+      }
+    }
+  });
+}
 
 // out[row][j] = c[row][j] + bias[j] + pos[row][j] for a tile of rows x cols (pointers at the tile).
 template <typename Out>
@@ -367,7 +464,6 @@ void forward(const PatchEmbedFwdParams& p) {
                               p.channels,
                               patch,
                               cols};
-  const T* weight = static_cast<const T*>(p.weight_packed);
   const Out* bias = static_cast<const Out*>(p.bias);
   const Out* cls = static_cast<const Out*>(p.cls_token);
   const Out* pos = static_cast<const Out*>(p.pos_embed);
@@ -381,22 +477,30 @@ void forward(const PatchEmbedFwdParams& p) {
     }
   }
   const std::vector<RowBlock> blocks = row_blocks(p.batch, patches);
-  const int64_t max_rows = blocks.empty() ? 0 : blocks.front().rows;
+  if (blocks.empty()) return;
+  const int64_t dim_padded = round_up(dim, kPatchEmbedWeightBlockN);
+  T* weight_buffer = thread_scratch<T>(Scratch::kWeight, dim_padded * k_padded);
+  pack_weight_blocked(static_cast<const Out*>(p.weight), dim, k_size, k_padded, weight_buffer);
+  const T* weight = weight_buffer;
+  const int64_t max_rows = blocks.front().rows;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     GemmScope<T> scope;
-    Buffer<T> a = make_buffer<T>(max_rows * k_padded);
-    Buffer<float> c = make_buffer<float>(max_rows * kTileN);
+    T* a = thread_scratch<T>(Scratch::kPatches, max_rows * k_padded);
+    float* c = thread_scratch<float>(Scratch::kTile, max_rows * kTileN);
     for (int64_t index = begin; index < end; ++index) {
       const RowBlock& block = blocks[index];
-      gather_patches(view, block, a.get(), k_padded);
+      gather_patches(view, block, a, k_padded);
       const int64_t token = offset + block.first;
       Out* out_rows = out + (block.image * tokens + token) * dim;
       const Out* pos_rows = pos != nullptr ? pos + token * dim : nullptr;
       for (int64_t n0 = 0; n0 < dim; n0 += kTileN) {
         const int64_t tile = std::min(kTileN, dim - n0);
-        gemm(block.rows, tile, k_padded, k_padded, dim, kTileN, false, a.get(),
-             weight + n0 * kPair<T>, c.get());
-        store_tile(c.get(), kTileN, block.rows, tile, bias != nullptr ? bias + n0 : nullptr,
+        // One call per packed block of columns (its rows are nb values apart).
+        for (int64_t j = 0; j < tile; j += kPatchEmbedWeightBlockN) {
+          gemm(block.rows, kPatchEmbedWeightBlockN, k_padded, k_padded, kPatchEmbedWeightBlockN,
+               kTileN, false, a, weight + (n0 + j) * k_padded, c + j);
+        }
+        store_tile(c, kTileN, block.rows, tile, bias != nullptr ? bias + n0 : nullptr,
                    pos_rows != nullptr ? pos_rows + n0 : nullptr, out_rows + n0, dim);
       }
     }

@@ -32,6 +32,10 @@ enum class PatchEmbedType : int32_t {
 // of 32 bfloat16, and a K tail costs more than the padding (588 -> 608 at P = 14: measured ~20%
 // faster on mllama-11b, min of 12 interleaved runs on a loaded machine).
 constexpr int64_t kPatchEmbedBf16KAlign = 32;
+// The forward packs its weight in blocks of this many output columns, [Dp / nb][Kp (/ 2)][nb]
+// ([2]), and runs one brgemm per block: B rows nb * 4 bytes apart rather than D * 4 (with D = 1024
+// those sat 4 KiB apart, all in one L1 set).
+constexpr int64_t kPatchEmbedWeightBlockN = 64;
 
 struct PatchEmbedFwdParams {
   PatchEmbedType pixel_type;    // uint8, float32, bfloat16, float16 or float64
@@ -40,10 +44,9 @@ struct PatchEmbedFwdParams {
   const void* pixels;           // [B, C, H, W], strides below
   const float* pixel_scale;     // [C]: x = pixel * scale + shift
   const float* pixel_shift;     // [C]
-  // Weight packed as the GEMM's B operand, [Kp, D] in compute_type (W^T): row-major for float32
-  // (Kp = K), in VNNI pairs [Kp / 2][D][2] for bfloat16 (Kp = K rounded up to
-  // kPatchEmbedBf16KAlign, pad rows zero).
-  const void* weight_packed;
+  // The weight [D, C, P, P] as [D, K] (K = C*P*P), contiguous, in out_type; the kernel packs it
+  // as its GEMM's B operand (compute_type, blocked by kPatchEmbedWeightBlockN columns).
+  const void* weight;
   const void* bias;            // [D] in out_type, or nullptr
   const void* cls_token;       // [D] in out_type, or nullptr
   const void* pos_embed;       // [N, D] in out_type, contiguous, or nullptr

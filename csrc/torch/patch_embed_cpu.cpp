@@ -1,7 +1,7 @@
 // Torch glue of the patch_embed CPU kernels: checks (naming the tensor and its shape), the pixel
-// normalization as per-channel (scale, shift), the weight packed once per call as the GEMM's B
-// operand, output allocation, dtype dispatch. The Python op validates first; these checks guard
-// direct callers of vlm_kernels._C.
+// normalization as per-channel (scale, shift), the weight packed as the backward GEMM's B operand
+// (the forward kernel packs its own), output allocation, dtype dispatch. The Python op validates
+// first; these checks guard direct callers of vlm_kernels._C.
 //
 // GEMM operands are bfloat16 (float32 accumulation) for bfloat16 weights where oneDNN runs bfloat16
 // brgemm, float32 otherwise (float32 and float16 weights, and bfloat16 with oneDNN switched off).
@@ -168,19 +168,18 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& pixels, const at::Tensor& weigh
 
   const at::ScalarType compute = compute_dtype(weight);
   const auto [scale, shift] = normalization(pixels, channels, pixel_mean, pixel_std);
-  const at::Tensor weight_t =
-      pack_b_operand(weight.reshape({dim, -1}).t(), compute, kPatchEmbedBf16KAlign);
+  const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor cls_c = cls_token.has_value() ? cls_token->contiguous() : at::Tensor();
   const at::Tensor pos_c = pos_embed.has_value() ? pos_embed->contiguous() : at::Tensor();
 
   PatchEmbedFwdParams p{};
   set_pixels(pixels, s, p);
-  p.compute_type = element_type(weight_t);
+  p.compute_type = compute == at::kBFloat16 ? PatchEmbedType::kBFloat16 : PatchEmbedType::kFloat32;
   p.out_type = element_type(weight);
   p.pixel_scale = scale.const_data_ptr<float>();
   p.pixel_shift = shift.const_data_ptr<float>();
-  p.weight_packed = weight_t.const_data_ptr();
+  p.weight = weight_c.const_data_ptr();
   p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
   p.cls_token = cls_c.defined() ? cls_c.const_data_ptr() : nullptr;
   p.pos_embed = pos_c.defined() ? pos_c.const_data_ptr() : nullptr;

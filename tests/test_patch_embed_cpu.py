@@ -85,6 +85,10 @@ CASES = [
     (2, 1, 136, 136, 8, 64, F32, "strided", False, True, True, "both"),
     # D = 768 (three kTileN column tiles), a realistic CLIP-like case
     (1, 3, 42, 56, 14, 768, BF16, "uint8", True, True, False, "both"),
+    # outputs of 4 MiB and more: written by non-temporal stores (kStreamOutputBytes); D = 1027
+    # leaves rows that start mid-line (a head and a tail of regular stores per row)
+    (4, 3, 224, 224, 14, 1024, F32, "float32", True, True, True, None),
+    (8, 3, 224, 224, 14, 1027, BF16, "uint8", True, True, False, "both"),
 ]
 
 

@@ -28,7 +28,7 @@ tiles of those chunks only, one of two ways (``_span_walk``):
   chunk against its chunk bits (int32 [B, Lq], bit m: the row sees chunk m; ``chunk_bits``, built by
   torch ops per call or once by a MediaSchedule). Only the block's last tile is masked at its tail:
   media_len 577 at BLOCK_N=128 takes ceil(577 n / 128) tiles for n visible chunks, not 5 n. The cost:
-  a gather and a bit test per key, up to ~60 registers on the 16-bit tiles (compile report);
+  a gather and a bit test per key, up to ~45 more registers on the 16-bit tiles (compile report);
 - chunk-aligned tiles (float32, whose 3xTF32 tiles have no registers to spare, and M > 32): tiles
   start at each visible chunk's first key and step by BLOCK_N (a chunk's last tile is masked at its
   tail), so a tile lies in one chunk and each row reads one mask byte per tile (``_chunk_tile``).
@@ -938,9 +938,11 @@ def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
 # compiles at 0 B at Dh 64-128 under both (sm_80: 187-240 registers, sm_90a: 155-211). The heaviest-
 # first grid (the pair loaded from the order, its divisions) costs registers: (64, 4, 2) and (64, 4, 3)
 # at BLOCK_M=64, at 255 registers and 0 B before, spilled 12 and 28 B on sm_80 at Dh=128 under 3.8.
-# The spanning walk (SPAN_TILES: a chunk id and a bit test per key) costs the 16-bit tiles up to ~60
-# registers: (64, 8, 3) at BLOCK_M=128 spilled 32 B on sm_80 at Dh=128 under 3.6 (255 registers; the
-# chunk-aligned walk: 194), and is dropped; (128, 8, 1) at BLOCK_M=64 went from 209 to 205-254.
+# The spanning walk (SPAN_TILES: a chunk id and a bit test per key) moves the 16-bit forward tiles by
+# -47 to +40 registers (sm_80 tiles often drop: no mask byte per tile): (64, 8, 3) at BLOCK_M=128
+# spilled 32 B on sm_80 at Dh=128 under 3.6 (255 registers; the chunk-aligned walk: 194) and is
+# dropped; (128, 8, 1) at BLOCK_M=64 at Dh=128 takes 198-230 registers under 3.8 (was 197-209) and
+# 234-254 under 3.6 (was 203-237; 254 on sm_80: no room to spare).
 _FWD_CONFIGS = {
     32: _configs((32, 8, 1), (16, 8, 1), BLOCK_M=32),
     64: _configs((32, 4, 3), (32, 4, 4), (128, 8, 1), BLOCK_M=64),

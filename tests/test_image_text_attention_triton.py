@@ -32,6 +32,7 @@ if not ON_CUDA and not triton.knobs.runtime.interpret:
         "TRITON_INTERPRET=1 was not set before triton was imported", allow_module_level=True
     )
 
+import vlm_kernels as vk  # noqa: E402
 from vlm_kernels.reference._attention import masked_attention_backward  # noqa: E402
 from vlm_kernels.reference.image_text_attention import (  # noqa: E402
     image_text_attention_reference,
@@ -700,6 +701,196 @@ def test_every_config_matches_reference(width, index):
             _check_with_poisoned_chunk(attention, hidden, forward_fn, backward_fn)
 
 
+# ---- the forward's spanning tiles ----------------------------------------------------------------------
+# For 16-bit inputs and M <= 32 the forward and decode kernels read a query block's visible chunks as
+# one virtual key sequence cut into tiles of BLOCK_N keys (SPAN_TILES): a tile may straddle chunks, and
+# runs with gaps between them, each key checked against its row's chunk bits. Beyond 32 chunks, and
+# for float32, they keep the chunk-aligned walk. The cases below put chunk boundaries inside tiles at
+# every place: media_len 5 (a 32-key tile holds parts of up to 8 chunks), 37 and 129 (not multiples
+# of any BLOCK_N).
+
+
+def cumulative_mask(batch: int, query_len: int, chunks: int) -> torch.Tensor:
+    """[B, Lq, M]: row t sees chunks 0 .. t * M // Lq (OpenFlamingo's every-previous-image mask)."""
+    last = torch.arange(query_len) * chunks // query_len
+    return (torch.arange(chunks) <= last[:, None]).expand(batch, query_len, chunks).clone()
+
+
+def walk_forward(span_tiles=None, num_splits=None):
+    """The forward (decode path for Lq <= 16, else prefill) with the walk forced (``span_tiles``:
+    None picks by M) and the split count forced (None: the heuristic)."""
+
+    def run(q, k, v, media_mask, media_len, scale, empty_rows):
+        out, lse = _outputs(q)
+        decode = q.shape[1] <= ita.DECODE_MAX_QUERY_LEN
+        path = ita._decode_forward if decode else ita._prefill_forward
+        with poisoned_allocations():
+            path(
+                q, k, v, media_mask, media_len, scale, empty_rows, out, lse,
+                num_splits=num_splits, span_tiles=span_tiles,
+            )  # fmt: skip
+        return out, lse
+
+    return run
+
+
+def _span_case(batch, query_len, heads, head_dim, chunks, media_len, dtype, kind):
+    kinds = ("random", "runs", "all", "gappy")
+    attention = make_case(
+        batch, query_len, *heads, head_dim, chunks, media_len, dtype=dtype,
+        mask_kind=kind if kind in kinds else "random",
+    )  # fmt: skip
+    if kind == "cumulative":
+        attention.media_mask = cumulative_mask(batch, query_len, chunks).to(TEST_DEVICE)
+    elif kind == "1of4":  # each row sees one chunk in four, runs of rows taking turns
+        rows = torch.arange(query_len)[:, None] * 4 // query_len
+        chunk_mask = (torch.arange(chunks) % 4 == rows).expand(batch, query_len, chunks).clone()
+        attention.media_mask = chunk_mask.to(TEST_DEVICE)
+    return attention
+
+
+# (batch, Lq, (Hq, Hkv), Dh, M, media_len, dtype, mask kind, splits): the first config runs (bf16
+# prefill BLOCK_N=32, float32 32, decode 32/16); Lq <= 16 takes the decode path.
+SPAN_CASES = [
+    (1, 97, (4, 2), 80, 7, 5, BF16, "random", None),  # a tile holds up to 8 chunks' keys
+    (1, 61, (4, 2), 64, 5, 37, F16, "gappy", 3),  # every other chunk: runs with gaps, split
+    (1, 97, (4, 4), 64, 4, 129, F16, "1of4", None),
+    (1, 45, (4, 2), 80, 6, 37, BF16, "cumulative", 2),
+    (2, 33, (4, 2), 64, 1, 37, BF16, "all", None),  # M = 1
+    (1, 1, (8, 2), 80, 6, 37, BF16, "random", None),  # Lq = 1 (decode)
+    (1, 7, (8, 2), 64, 5, 5, F16, "cumulative", 3),  # decode, split
+    (1, 33, (4, 2), 64, 32, 3, BF16, "random", None),  # M = 32: chunk 31 is the bits' sign bit
+    (1, 5, (4, 2), 64, 32, 3, F16, "random", 2),  # ... on the decode path
+    (1, 33, (2, 1), 64, 33, 3, BF16, "gappy", 2),  # M = 33: the chunk-aligned walk
+    (1, 61, (4, 2), 64, 5, 37, F32, "gappy", 3),  # float32: the chunk-aligned walk
+]
+
+
+@pytest.mark.parametrize(
+    "case", SPAN_CASES, ids=lambda case: "-".join(str(x).replace("torch.", "") for x in case)
+)
+def test_spanning_tiles_match_reference(monkeypatch, case):
+    *shape, dtype, kind, num_splits = case
+    attention = _span_case(*shape, dtype, kind)
+    launched = []
+    real_launch, real_named_launch = ita.launch, ita._launch
+
+    def spy(name, kernel, configs, grid, args, **kw):
+        launched.append(kw.get("SPAN_TILES"))
+        return real_launch(name, kernel, configs, grid, args, **kw)
+
+    def named_spy(name, kernel, tiles, grid, args, **kw):
+        launched.append(kw.get("SPAN_TILES"))
+        return real_named_launch(name, kernel, tiles, grid, args, **kw)
+
+    monkeypatch.setattr(ita, "launch", spy)
+    monkeypatch.setattr(ita, "_launch", named_spy)
+    check_against_reference(attention, walk_forward(num_splits=num_splits))
+    # The walk M and the dtype pick.
+    assert launched[0] is (attention.media_mask.shape[2] <= 32 and dtype != F32)
+
+
+def test_chunk_bits():
+    """One int32 per row, bit m for chunk m, up to 32 chunks (chunk 31 the sign bit); None beyond.
+    A MediaSchedule builds them from its kernel mask, once."""
+    from vlm_kernels.ops.media_schedule import chunk_bits
+
+    mask = torch.rand(2, 9, 32, device=TEST_DEVICE) < 0.5
+    mask[0, 0] = True
+    bits = chunk_bits(mask)
+    assert bits.dtype == torch.int32 and bits.shape == (2, 9)
+    assert bits[0, 0].item() == -1 and torch.equal(bits < 0, mask[:, :, 31])
+    chunk = torch.arange(32, device=TEST_DEVICE, dtype=torch.int32)
+    decoded = ((bits[:, :, None] >> chunk) & 1) != 0  # the kernels' test
+    assert torch.equal(decoded, mask)
+    assert chunk_bits(mask[:, :, :5]).tolist() == (
+        (mask[:, :, :5].long() * 2 ** torch.arange(5, device=TEST_DEVICE)).sum(-1).tolist()
+    )
+    assert chunk_bits(torch.ones(1, 3, 33, dtype=torch.bool)) is None
+    empty = torch.zeros(1, 3, 5, dtype=torch.bool, device=TEST_DEVICE)
+    empty[0, 1, 2] = True
+    schedule = vk.MediaSchedule(empty, media_len=4, empty_rows="uniform")
+    assert schedule.chunk_bits().tolist() == [[31, 4, 31]]  # rows that see nothing see all
+    assert schedule.chunk_bits() is schedule.chunk_bits()
+    many = vk.MediaSchedule(torch.ones(1, 3, 33, dtype=torch.bool), media_len=1)
+    assert many.chunk_bits() is None
+
+
+def test_span_walk_choice_and_tile_counts():
+    """The walk (spanning for 16-bit inputs and M <= 32) and its tile count: a run of n chunks of
+    577 keys takes ceil(577 n / 128) tiles of 128 instead of 5 n."""
+    mask = torch.ones(1, 3, 32, dtype=torch.bool)
+    span, bits = ita._span_walk(mask, BF16, None, None)
+    assert span and bits.shape == (1, 3) and bits.dtype == torch.int32
+    assert ita._span_walk(mask, BF16, bits, None)[1] is bits  # a schedule's bits are read as given
+    assert ita._span_walk(mask, BF16, None, False) == (False, None)
+    assert ita._span_walk(mask, F32, None, None) == (False, None)
+    assert ita._span_walk(torch.ones(1, 3, 33, dtype=torch.bool), F16, None, None) == (False, None)
+    with pytest.raises(ValueError, match="M <= 32"):
+        ita._span_walk(torch.ones(1, 3, 33, dtype=torch.bool), BF16, None, True)
+    assert ita._max_walk_tiles(1, 577, span=False, block_n=128) == 5
+    assert ita._max_walk_tiles(4, 577, span=False, block_n=128) == 20
+    assert ita._max_walk_tiles(4, 577, span=True, block_n=128) == 19
+    assert ita._max_walk_tiles(4, 5, span=True, block_n=128) == 1
+
+
+def test_spanning_tiles_skip_invisible_chunks():
+    """Chunks that no row sees, between visible ones (gaps inside what a tile would cover), are
+    poisoned with NaN: the spanning walk at BLOCK_N=128 (a tile spans ~3 chunks of 37 keys), one
+    pass, split and decode, gives bit for bit the clean inputs' outputs (every config:
+    test_every_config_matches_reference)."""
+    chunks, media_len, hidden = 7, 37, [1, 4, 5]
+    for query_len, num_splits in ((70, None), (40, 3), (9, 2)):
+        attention = make_case(1, query_len, 2, 1, 64, chunks, media_len, dtype=BF16)
+        attention.media_mask[:, :, hidden] = False
+        keys = torch.cat([torch.arange(m * media_len, (m + 1) * media_len) for m in hidden])
+        poisoned_k, poisoned_v = attention.k.clone(), attention.v.clone()
+        poisoned_k[:, keys] = float("nan")
+        poisoned_v[:, keys] = float("nan")
+        args = (attention.media_mask, media_len, attention.scale, "zero")
+        forward_fn = walk_forward(num_splits=num_splits)
+        # bf16 forward config 2: (128, 8, 1) at BLOCK_M=64; the decode path's 128-key config: 3.
+        with (
+            force_triton_config("image_text_attention_fwd", 2),
+            force_triton_config("image_text_attention_decode_split", 3),
+        ):
+            out, lse = forward_fn(attention.q, attention.k, attention.v, *args)
+            poisoned = forward_fn(attention.q, poisoned_k, poisoned_v, *args)
+            assert torch.equal(out, poisoned[0]) and torch.equal(lse, poisoned[1])
+            check_against_reference(attention, forward_fn)
+
+
+# 16-bit configs with each walk forced; float32 configs with theirs (the chunk-aligned walk).
+FWD_CONFIG_CASES = [
+    (width, index, span)
+    for width, spans in ((2, (True, False)), (4, (None,)))
+    for index in range(len(ita._kernel_configs(ita._TILES[width])["image_text_attention_fwd"]))
+    for span in spans
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "width, index, span_tiles",
+    FWD_CONFIG_CASES,
+    ids=[
+        f"{'fp32' if width == 4 else '16bit'}-config{index}-{ {True: 'span', False: 'aligned', None: 'own'}[span] }"
+        for width, index, span in FWD_CONFIG_CASES
+    ],
+)
+def test_every_forward_config_walks_spanning_tiles(width, index, span_tiles):
+    """Each forward config (and the decode kernel at the same index), one pass and split, on chunks
+    of 5 and 129 keys (tiles that straddle many chunks, and chunks longer than a tile), odd Lq,
+    Dh=80, a cumulative mask, a 1-of-4 mask and a random one; each walk forced."""
+    dtype = F32 if width == 4 else (BF16, F16)[index % 2]
+    shapes = ((75, 9, 5, "cumulative"), (41, 4, 129, "1of4"), (9, 6, 5, "random"))
+    with every_kernel_at_config(width, index):
+        for query_len, chunks, media_len, kind in shapes:
+            attention = _span_case(1, query_len, (4, 2), 80, chunks, media_len, dtype, kind)
+            for num_splits in (1, 3):
+                check_against_reference(attention, walk_forward(span_tiles, num_splits))
+
+
 # ---- float32 input precision -------------------------------------------------------------------------
 # The interpreter computes every tl.dot in float32 numpy, whatever ``input_precision`` says, so the
 # float32 precision choice (ita._TILES[4]) cannot be seen in the kernels' outputs here. What the choice
@@ -985,6 +1176,19 @@ def test_every_config_is_registered_for_the_compile_report():
             ita._prefill_combine_kernel,
             lambda t: ita._COMBINE_CONFIGS,
         ),
+        # The chunk-aligned walks (SPAN_TILES off: M > 64) of the forward and decode kernels.
+        "image_text_attention_fwd_chunks": (
+            ita._fwd_kernel,
+            lambda t: [c for m in t.fwd_block_m for c in ita._FWD_CONFIGS[m]],
+        ),
+        "image_text_attention_fwd_split_chunks": (
+            ita._fwd_kernel,
+            lambda t: [c for m in t.fwd_block_m for c in ita._FWD_CONFIGS[m]],
+        ),
+        "image_text_attention_decode_split_chunks": (
+            ita._decode_split_kernel,
+            lambda t: ita._DECODE_CONFIGS[t.decode_max_rows],
+        ),
         "image_text_attention_bwd_preprocess": (
             ita._bwd_preprocess_kernel,
             lambda t: ita._PREPROCESS_CONFIGS,
@@ -1018,6 +1222,13 @@ def test_every_config_is_registered_for_the_compile_report():
             assert len(entry.configs) == (
                 len(families[name][1](ita._TILES[4])) if head_dim == 128 else 1
             )
+    for name in ("fwd", "fwd_split", "decode_split"):
+        for suffix, span in (("", True), ("_chunks", False)):
+            for label in ("bf16", "fp32"):  # float32 has one walk, the chunk-aligned one
+                entry = registered[f"image_text_attention_{name}{suffix}[{label},d128]"]
+                expected = span and label == "bf16"
+                assert all(aot.constexprs["SPAN_TILES"] is expected for aot in entry.configs)
+                assert entry.signature["row_bits_ptr"] == "*i32:16"
     for label in ("bf16", "fp32", "fp32tf32"):
         for name, atomic_dq in (("bwd_dkdv", False), ("bwd_fused", True)):
             entry = registered[f"image_text_attention_{name}[{label},d128]"]

@@ -131,6 +131,32 @@ def test_triton_launchers_build_no_schedule_when_given_one(monkeypatch, query_le
     assert built[0] == ("one_block_schedule" if query_len <= 16 else "block_chunk_schedule_triton")
 
 
+@pytest.mark.parametrize("chunks", [5, 33], ids=["spanning", "chunk-aligned"])
+@pytest.mark.parametrize("query_len", [3, 40])
+def test_forward_reads_the_schedules_chunk_bits(monkeypatch, query_len, chunks):
+    """16-bit inputs and M <= 32: the forward's spanning tiles read the MediaSchedule's per-row chunk
+    bits (built once, by the schedule, never by the launcher) and equal the plain-mask call, which
+    builds its own; M > 32: no bits, the chunk-aligned walk, the same equality."""
+    q, k, v, mask, media_len = _inputs(query_len=query_len, chunks=chunks, media_len=3)
+    q, k, v = (x.detach().to(torch.bfloat16) for x in (q, k, v))
+    schedule = vk.MediaSchedule(mask, media_len=media_len, empty_rows="uniform")
+    built = []
+    real_chunk_bits = ita.chunk_bits
+    monkeypatch.setattr(ita, "chunk_bits", lambda m: built.append(m) or real_chunk_bits(m))
+    shared = [vk.image_text_attention(q, k, v, schedule, backend="triton") for _ in range(2)]
+    assert built == []
+    assert (schedule._chunk_bits is not None) is (chunks <= 32)
+    plain = vk.image_text_attention(
+        q, k, v, mask, media_len=media_len, empty_rows="uniform", backend="triton"
+    )
+    assert len(built) == (chunks <= 32)
+    assert torch.equal(plain, shared[0]) and torch.equal(plain, shared[1])
+    if chunks <= 32:  # float32 walks chunk-aligned tiles: no bits
+        float32 = vk.MediaSchedule(mask, media_len=media_len)
+        vk.image_text_attention(q.float(), k.float(), v.float(), float32, backend="triton")
+        assert float32._chunk_bits is None
+
+
 def test_no_backward_schedule_without_grad():
     q, k, v, mask, media_len = _inputs(query_len=40)
     schedule = vk.MediaSchedule(mask, media_len=media_len)
@@ -261,7 +287,7 @@ def test_tune_bucket_and_key():
     q = torch.zeros(1, 1, 1, 16)
     key = _launch.tuning_key(
         ita._fwd_kernel,
-        (q, q, q, None, None, None, None, q, None, None, None, None, 17, 5, 577),
+        (q, q, q, None, None, None, None, None, q, None, None, None, None, 17, 5, 577),
         {"HEAD_DIM": 80, "INPUT_PRECISION": "tf32"},
         ita._TUNE_KEY,
     )

@@ -118,11 +118,14 @@ def image_text_attention(
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    row_bits = None
     if schedule is None:
         mask, schedule_tensors = media_mask, (None,) * 6
     else:
         mask = schedule.kernel_mask
         schedule_tensors = _schedule_tensors(schedule, q, k, v, backend)
+        if schedule_tensors and _spans_tiles(q.dtype, mask.shape[2]):
+            row_bits = schedule.chunk_bits()  # the Triton forward's spanning tiles read them
         schedule_tensors += (None,) * (6 - len(schedule_tensors))
     out, _ = image_text_attention_op(
         q,
@@ -135,6 +138,7 @@ def image_text_attention(
         backend,
         *schedule_tensors,
         deterministic=deterministic,
+        row_bits=row_bits,
     )
     return out
 
@@ -143,6 +147,12 @@ def image_text_attention(
 def _resolved_backend(device: torch.device, backend: str, dtype: torch.dtype) -> str:
     """The backend the op will run (a constant while tracing: it probes the machine, not tensors)."""
     return TABLE._backend(device, backend, dtype)
+
+
+def _spans_tiles(dtype: torch.dtype, num_chunks: int) -> bool:
+    from vlm_kernels.triton.image_text_attention import spans_tiles
+
+    return spans_tiles(dtype, num_chunks)
 
 
 def _schedule_tensors(
@@ -216,23 +226,45 @@ def image_text_attention_op(
     qb_count: torch.Tensor | None = None,
     qb_ids: torch.Tensor | None = None,
     deterministic: bool = True,
+    row_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Lq, Hq, Dh], lse [B, Hq, Lq] float32, -inf on zeroed rows).
 
     The optional tensors are a ``MediaSchedule``'s, unpacked (then ``media_mask`` is its kernel mask):
-    the forward chunk schedule and, for the backward, the dq and transposed schedules (the Triton
-    kernels read them; the other backends ignore them). ``deterministic``: for the backward (see
+    the forward chunk schedule and, for the backward, the dq and transposed schedules, and the
+    per-row chunk bits of the forward's spanning tiles (``row_bits``, M <= 32) (the Triton kernels
+    read them; the other backends ignore them). ``deterministic``: for the backward (see
     ``image_text_attention``); the forward is deterministic either way."""
     kernel = TABLE.forward_for(q.device, backend, q.dtype)
     if chunk_count is not None and kernel is _forward_triton:
         return kernel(
-            q, k, v, media_mask, media_len, scale, empty_rows, schedule=(chunk_count, chunk_ids)
+            q,
+            k,
+            v,
+            media_mask,
+            media_len,
+            scale,
+            empty_rows,
+            schedule=(chunk_count, chunk_ids),
+            row_bits=row_bits,
         )
     return kernel(q, k, v, media_mask, media_len, scale, empty_rows)
 
 
 @image_text_attention_op.register_fake
-def _(q, k, v, media_mask, media_len, scale, empty_rows, backend, *schedule, deterministic=True):
+def _(
+    q,
+    k,
+    v,
+    media_mask,
+    media_len,
+    scale,
+    empty_rows,
+    backend,
+    *schedule,
+    deterministic=True,
+    row_bits=None,
+):
     batch, query_len, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, query_len), dtype=torch.float32)
 
@@ -413,11 +445,13 @@ TABLE.backward["cuda"] = _compiled_backward("image_text_attention_bwd_cuda")
 TABLE.backward["cuda_sim"] = _compiled_backward("image_text_attention_bwd_cuda_sim")
 
 
-def _forward_triton(q, k, v, media_mask, media_len, scale, empty_rows, schedule=None):
+def _forward_triton(
+    q, k, v, media_mask, media_len, scale, empty_rows, schedule=None, row_bits=None
+):
     from vlm_kernels.triton.image_text_attention import image_text_attention_fwd_triton
 
     return image_text_attention_fwd_triton(
-        q, k, v, media_mask, media_len, scale, empty_rows, schedule=schedule
+        q, k, v, media_mask, media_len, scale, empty_rows, schedule=schedule, row_bits=row_bits
     )
 
 

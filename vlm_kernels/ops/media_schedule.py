@@ -14,7 +14,10 @@ What it holds (FlexAttention's BlockMask plays the same part):
   (``block_chunk_schedule``); a block of at least Lq rows is the decode schedule, built with a few
   torch ops (no Triton launch, no autotuner, no host sync);
 - per query-block size, the transposed (backward dk/dv) schedule: per chunk, the query blocks that see
-  it, and the block visibility it is built from.
+  it, and the block visibility it is built from;
+- for M <= 32 chunks, the per-row chunk bits ``(int32 [B, Lq], bit m = kernel_mask[b, t, m])``
+  (``chunk_bits``), built on first use: the Triton forward's tiles span runs of visible chunks and
+  check each key's chunk against its row's bits.
 The schedules are built lazily, on the first call that needs each block size, and cached: a model
 forward with L cross-attention layers builds each one once instead of L times (and a training step's
 backward reuses the forward's). Only the Triton kernels take schedules; the C++ CPU and CUDA kernels
@@ -45,6 +48,7 @@ from vlm_kernels._checks import check_tensor
 from vlm_kernels.ops.block_chunk_schedule import block_chunk_schedule_op
 
 EMPTY_ROW_MODES = ("zero", "uniform", "mean")
+MAX_BIT_CHUNKS = 32  # chunks one int32 of per-row bits holds (chunk 31 is the sign bit)
 
 
 def effective_mask(media_mask: torch.Tensor, empty_rows: str) -> torch.Tensor:
@@ -95,6 +99,20 @@ def one_block_schedule(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count[:, None].contiguous(), ids[:, None, :num_chunks].contiguous()
 
 
+def chunk_bits(mask: torch.Tensor) -> torch.Tensor | None:
+    """int32 [B, Lq]: bit m of row (b, t) set where ``mask[b, t, m]``, for M <= ``MAX_BIT_CHUNKS``
+    (chunk 31 is the sign bit: the kernels read bit m as ``(bits >> m) & 1``, which holds for it
+    too); None for more chunks. Torch ops on the mask's device: no host sync (graph-capturable)."""
+    num_chunks = mask.shape[2]
+    if num_chunks > MAX_BIT_CHUNKS:
+        return None
+    chunks = torch.arange(num_chunks, dtype=torch.int32, device=mask.device)
+    weights = torch.bitwise_left_shift(torch.ones_like(chunks), chunks)
+    # Distinct powers of two: their sum is their OR (1 << 31 wraps to -2**31, and the sum with the
+    # lower bits stays in range, so no bit carries).
+    return (mask.to(torch.int32) * weights).sum(-1, dtype=torch.int32)
+
+
 def block_visibility(mask: torch.Tensor, block_m: int) -> torch.Tensor:
     """[B, nQB, M] bool: some row of query block qb (rows qb*block_m ...) sees chunk m."""
     batch, query_len, num_chunks = mask.shape
@@ -129,6 +147,7 @@ class MediaSchedule:
         self.kernel_mask = effective_mask(media_mask, empty_rows)
         self._chunk_schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._transposed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._chunk_bits: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -165,6 +184,13 @@ class MediaSchedule:
             visible = block_visibility(self.kernel_mask, block_m)
             self._transposed[block_m] = block_chunk_schedule_op(visible.transpose(1, 2), 1, "auto")
         return self._transposed[block_m]
+
+    def chunk_bits(self) -> torch.Tensor | None:
+        """``kernel_mask``'s per-row chunk bits (``chunk_bits``: int32 [B, Lq], None for M > 32),
+        which the Triton forward's spanning tiles read. Built on first use, then cached."""
+        if self._chunk_bits is None and self.media_mask.shape[2] <= MAX_BIT_CHUNKS:
+            self._chunk_bits = chunk_bits(self.kernel_mask)
+        return self._chunk_bits
 
     def __repr__(self) -> str:
         return (

@@ -20,9 +20,20 @@ CUDA backend uses too).
 Chunk skipping. ``block_chunk_schedule_triton(media_mask, BLOCK_M)`` (or a ``vk.MediaSchedule``'s
 cached copy, passed in by the op) lists, per block of BLOCK_M query
 rows, the chunks some row of the block sees (ascending, count first). A forward program walks the key
-tiles of those chunks only: tiles start at the chunk's first key and step by BLOCK_N (a chunk's last
-tile is masked at its tail), so a tile lies in one chunk and each row needs one mask bit per tile. Keys
-of a chunk no row of the block sees are never loaded (tests poison them with NaN).
+tiles of those chunks only, one of two ways (``_span_walk``):
+- spanning tiles (``SPAN_TILES``; 16-bit inputs, M <= 32): the visible chunks read as one sequence of
+  chunk_count * media_len keys, cut into tiles of BLOCK_N (``_span_tile``). Key u of that sequence is
+  key u % media_len of chunk chunk_ids[u // media_len] (a per-key gather from the block's chunk list),
+  so a tile may straddle chunks, and gaps of chunks the block does not see; each row tests each key's
+  chunk against its chunk bits (int32 [B, Lq], bit m: the row sees chunk m; ``chunk_bits``, built by
+  torch ops per call or once by a MediaSchedule). Only the block's last tile is masked at its tail:
+  media_len 577 at BLOCK_N=128 takes ceil(577 n / 128) tiles for n visible chunks, not 5 n. The cost:
+  a gather and a bit test per key, up to ~45 more registers on the 16-bit tiles (compile report);
+- chunk-aligned tiles (float32, whose 3xTF32 tiles have no registers to spare, and M > 32): tiles
+  start at each visible chunk's first key and step by BLOCK_N (a chunk's last tile is masked at its
+  tail), so a tile lies in one chunk and each row reads one mask byte per tile (``_chunk_tile``).
+The split-KV paths split the same tile count. Keys of a chunk no row of the block sees are never loaded
+either way (tests poison them with NaN). The backward kernels keep chunk-aligned tiles.
 
 Kernels (flash-attention 2, exp2 with log2(e) folded into the scale, fp32 softmax and accumulators;
 their tile loads, online-softmax step and epilogue, and dk/dv and dq tile steps are the shared
@@ -43,8 +54,9 @@ attention core's, ``_attention_core``, which perceiver_attention's kernels call 
   with atomics; no dq kernel.
 - ``_decode_split_kernel`` + ``_decode_combine_kernel``: for Lq <= 16. One program holds every query
   row of one kv group (Lq * group rows, up to BLOCK_R) and one slice of the scheduled key tiles (the
-  slices split the visible tiles evenly, counted on the device); it writes its partial (m, l, acc) to
-  a float32 workspace, which the combine kernel merges into out and lse.
+  slices split the visible tiles evenly, counted on the device; the forward's walk, spanning or
+  chunk-aligned); it writes its partial (m, l, acc) to a float32 workspace, which the combine kernel
+  merges into out and lse.
 
 Precision: float16/bfloat16 dots on tensor cores with float32 accumulation; float32 inputs keep
 float32-grade products (3xTF32 forward dots, FMA backward dots) on smaller tiles (``_TILES``), except
@@ -76,8 +88,10 @@ import triton
 import triton.language as tl
 
 from vlm_kernels.ops.media_schedule import (
+    MAX_BIT_CHUNKS,
     add_mean_rows_grad,
     block_visibility,
+    chunk_bits,
     effective_mask,
     one_block_schedule,
     write_mean_rows,
@@ -102,6 +116,57 @@ DECODE_MAX_QUERY_LEN = 16  # the forward takes the split-KV decode path at or be
 LOG2E = 1.4426950408889634
 
 
+# ---- the forward's key-tile walks ---------------------------------------------------------------------
+
+
+@triton.jit
+def _span_tile(tile, chunk_ids, chunk_count, media_len, row_bits, BLOCK_N: tl.constexpr):
+    """Tile ``tile`` of the spanning walk (``SPAN_TILES``): a block's visible chunks (``chunk_ids``,
+    ascending, ``chunk_count`` of them) read as one virtual sequence of chunk_count * media_len keys,
+    cut into tiles of BLOCK_N keys, so a tile may straddle chunks and only the block's last tile has
+    a masked tail. Virtual key u is key u % media_len of chunk chunk_ids[u // media_len].
+    ``row_bits`` [R] int32: the rows' chunk bits (bit m: the row sees chunk m; M <= 32). Returns
+    ``(keys [N] int64, key_in [N], visible [R, N])``."""
+    virtual = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_in = virtual < chunk_count * media_len
+    slot = virtual // media_len
+    # A small gather from the block's chunk list (one or two cache lines); keys past the end read
+    # chunk 0 and load nothing.
+    chunk = tl.load(chunk_ids + slot, mask=key_in, other=0)
+    keys = chunk.to(tl.int64) * media_len + (virtual - slot * media_len)
+    # One 32-bit shift per (row, key): chunk 31 is the sign bit, which >> then & 1 still reads. (Two
+    # words for 64 chunks cost 50-65 more registers at BLOCK_N=128 and spilled.)
+    sees = ((row_bits[:, None] >> chunk[None, :]) & 1) != 0
+    return keys, key_in, sees & key_in[None, :]
+
+
+@triton.jit
+def _chunk_tile(
+    tile, chunk_ids, media_len, mask_rows, stride_mask_m, row_in, BLOCK_N: tl.constexpr
+):
+    """Tile ``tile`` of the chunk-aligned walk (M > 32 chunks, or float32 inputs; ``_span_walk``):
+    cdiv(media_len, BLOCK_N) tiles per visible chunk, each starting at the chunk's first key (a
+    chunk's last tile is masked at its tail), so a tile lies in one chunk and each row needs one mask
+    byte per tile (``mask_rows``: the rows' mask pointers). Returns ``(keys, key_in, visible)``."""
+    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+    slot = tile // tiles_per_chunk
+    chunk = tl.load(chunk_ids + slot).to(tl.int64)
+    key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_in = key_in_chunk < media_len
+    keys = chunk * media_len + key_in_chunk
+    row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
+    return keys, key_in, row_sees[:, None] & key_in[None, :]
+
+
+@triton.jit
+def _walk_tiles(chunk_count, media_len, BLOCK_N: tl.constexpr, SPAN_TILES: tl.constexpr):
+    """The number of key tiles a block with ``chunk_count`` visible chunks walks."""
+    if SPAN_TILES:
+        return tl.cdiv(chunk_count * media_len, BLOCK_N)
+    else:
+        return chunk_count * tl.cdiv(media_len, BLOCK_N)
+
+
 # ---- forward ----------------------------------------------------------------------------------------
 
 
@@ -115,6 +180,7 @@ def _fwd_kernel(
     chunk_count_ptr,  # int32 [B, nQB], contiguous
     chunk_ids_ptr,  # int32 [B, nQB, M], contiguous
     order_ptr,  # int32 [B * nQB]: the (batch, query block) pairs, most visible chunks first
+    row_bits_ptr,  # SPAN_TILES: int32 [B, Lq], contiguous: bit m set where the row sees chunk m
     out_ptr,  # [B, Lq, Hq, Dh]
     lse_ptr,  # float32 [B, Hq, Lq], contiguous
     part_m_ptr,  # SPLIT: float32 [B * nQB * Hq, num_splits, BLOCK_M], running max (log2 units)
@@ -152,6 +218,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 inputs: "ieee" or "tf32"
     SPLIT: tl.constexpr,  # split-KV prefill: write partials for _prefill_combine_kernel
+    SPAN_TILES: tl.constexpr,  # tiles span runs of visible chunks (``_span_walk``), else aligned
 ):
     # Heaviest first: program p (axis 0) runs the pair order[p // Hq] for head p % Hq. The GPU
     # starts programs in grid order, so the query blocks that see the most chunks (the last rows of
@@ -170,7 +237,6 @@ def _fwd_kernel(
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < HEAD_DIM
-    offs_n = tl.arange(0, BLOCK_N)
 
     q = load_rows(
         q_ptr + batch * stride_qb + head * stride_qh, rows64, stride_qt, offs_d, row_in, d_in
@@ -182,9 +248,10 @@ def _fwd_kernel(
     schedule = batch * n_qb + q_block
     chunk_count = tl.load(chunk_count_ptr + schedule)
     chunk_ids = chunk_ids_ptr + schedule * M
-    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+    if SPAN_TILES:
+        row_bits = tl.load(row_bits_ptr + batch * Lq + rows64, mask=row_in, other=0)
 
-    total_tiles = chunk_count * tiles_per_chunk
+    total_tiles = _walk_tiles(chunk_count, media_len, BLOCK_N, SPAN_TILES)
     tile_start = 0
     tile_end = total_tiles
     if SPLIT:
@@ -197,14 +264,16 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # One flat loop over (visible chunk, tile of the chunk): a single pipelined loop on the GPU.
+    # One flat loop over the block's visible key tiles: a single pipelined loop on the GPU.
     for tile in range(tile_start, tile_end):
-        slot = tile // tiles_per_chunk
-        chunk = tl.load(chunk_ids + slot).to(tl.int64)
-        key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + offs_n
-        key_in = key_in_chunk < media_len
-        keys = chunk * media_len + key_in_chunk
-        row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
+        if SPAN_TILES:
+            keys, key_in, visible = _span_tile(
+                tile, chunk_ids, chunk_count, media_len, row_bits, BLOCK_N
+            )
+        else:
+            keys, key_in, visible = _chunk_tile(
+                tile, chunk_ids, media_len, mask_rows, stride_mask_m, row_in, BLOCK_N
+            )
         acc, m_i, l_i = attend_tile(
             q,
             acc,
@@ -218,7 +287,7 @@ def _fwd_kernel(
             stride_vt,
             offs_d,
             d_in,
-            row_sees[:, None] & key_in[None, :],
+            visible,
             qk_scale,
             INPUT_PRECISION,
         )
@@ -365,6 +434,7 @@ def _decode_split_kernel(
     media_mask_ptr,  # uint8 [B, Lq, M]
     chunk_count_ptr,  # int32 [B], contiguous: the chunks some row of the sequence sees
     chunk_ids_ptr,  # int32 [B, M], contiguous
+    row_bits_ptr,  # SPAN_TILES: int32 [B, Lq], contiguous: bit m set where token t sees chunk m
     part_m_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R]: running max (log2 units)
     part_l_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R]: sum of exp2
     part_acc_ptr,  # float32 [B * Hkv * nRB, num_splits, BLOCK_R, BLOCK_D]: unnormalized output
@@ -396,6 +466,7 @@ def _decode_split_kernel(
     BLOCK_R: tl.constexpr,  # query rows (Lq * group, padded) per program
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SPAN_TILES: tl.constexpr,  # as the prefill forward's
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1).to(tl.int64)  # over B * Hkv * nRB, row block fastest
@@ -410,7 +481,6 @@ def _decode_split_kernel(
     head = kv_head * group + rows % group
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < HEAD_DIM
-    offs_n = tl.arange(0, BLOCK_N)
 
     q_ptrs = q_ptr + batch * stride_qb + token[:, None] * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
@@ -420,10 +490,11 @@ def _decode_split_kernel(
 
     chunk_count = tl.load(chunk_count_ptr + batch)
     chunk_ids = chunk_ids_ptr + batch * M
-    tiles_per_chunk = tl.cdiv(media_len, BLOCK_N)
+    if SPAN_TILES:
+        row_bits = tl.load(row_bits_ptr + batch * Lq + token, mask=row_in, other=0)
     # The visible tiles, counted on the device, split evenly: a split's share follows the visible
     # work whatever the mask, and splits past the end store an empty partial (m=-inf, l=0).
-    total_tiles = chunk_count * tiles_per_chunk
+    total_tiles = _walk_tiles(chunk_count, media_len, BLOCK_N, SPAN_TILES)
     tiles_per_split = tl.cdiv(total_tiles, num_splits)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, total_tiles)
@@ -432,12 +503,14 @@ def _decode_split_kernel(
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for tile in range(tile_start, tile_end):
-        slot = tile // tiles_per_chunk
-        chunk = tl.load(chunk_ids + slot).to(tl.int64)
-        key_in_chunk = (tile - slot * tiles_per_chunk) * BLOCK_N + offs_n
-        key_in = key_in_chunk < media_len
-        keys = chunk * media_len + key_in_chunk
-        row_sees = tl.load(mask_rows + chunk * stride_mask_m, mask=row_in, other=0) != 0
+        if SPAN_TILES:
+            keys, key_in, visible = _span_tile(
+                tile, chunk_ids, chunk_count, media_len, row_bits, BLOCK_N
+            )
+        else:
+            keys, key_in, visible = _chunk_tile(
+                tile, chunk_ids, media_len, mask_rows, stride_mask_m, row_in, BLOCK_N
+            )
         acc, m_i, l_i = attend_tile(
             q,
             acc,
@@ -451,7 +524,7 @@ def _decode_split_kernel(
             stride_vt,
             offs_d,
             d_in,
-            row_sees[:, None] & key_in[None, :],
+            visible,
             qk_scale,
             INPUT_PRECISION,
         )
@@ -831,11 +904,12 @@ class _Tiles:
     dq_block_m: tuple[int, ...]  # query rows per program of the dq kernel: (few, many)
     fwd_precision: str  # tl.dot input_precision of the forward and decode kernels
     bwd_precision: str  # ... of the backward kernels (float32: the default, see _bwd_precision)
+    span_tiles: bool  # the forward and decode walk spanning tiles when M <= 32 (``_span_walk``)
 
 
 _TILES = {
-    2: _Tiles((64, 128), 64, (32, 16), (64, 128), "tf32", "tf32"),  # float16, bfloat16
-    4: _Tiles((32,), 32, (16,), (32,), "tf32x3", "ieee"),  # float32
+    2: _Tiles((64, 128), 64, (32, 16), (64, 128), "tf32", "tf32", True),  # float16, bfloat16
+    4: _Tiles((32,), 32, (16,), (32,), "tf32x3", "ieee", False),  # float32
 }
 
 
@@ -864,10 +938,15 @@ def _configs(*shapes, **fixed) -> tuple[triton.Config, ...]:
 # compiles at 0 B at Dh 64-128 under both (sm_80: 187-240 registers, sm_90a: 155-211). The heaviest-
 # first grid (the pair loaded from the order, its divisions) costs registers: (64, 4, 2) and (64, 4, 3)
 # at BLOCK_M=64, at 255 registers and 0 B before, spilled 12 and 28 B on sm_80 at Dh=128 under 3.8.
+# The spanning walk (SPAN_TILES: a chunk id and a bit test per key) moves the 16-bit forward tiles by
+# -47 to +40 registers (sm_80 tiles often drop: no mask byte per tile): (64, 8, 3) at BLOCK_M=128
+# spilled 32 B on sm_80 at Dh=128 under 3.6 (255 registers; the chunk-aligned walk: 194) and is
+# dropped; (128, 8, 1) at BLOCK_M=64 at Dh=128 takes 198-230 registers under 3.8 (was 197-209) and
+# 234-254 under 3.6 (was 203-237; 254 on sm_80: no room to spare).
 _FWD_CONFIGS = {
     32: _configs((32, 8, 1), (16, 8, 1), BLOCK_M=32),
     64: _configs((32, 4, 3), (32, 4, 4), (128, 8, 1), BLOCK_M=64),
-    128: _configs((64, 8, 2), (64, 8, 3), (32, 8, 3), BLOCK_M=128),
+    128: _configs((64, 8, 2), (32, 8, 3), BLOCK_M=128),
 }
 _DECODE_CONFIGS = {  # by the tiles' decode_max_rows
     32: _configs((16, 8, 1)),
@@ -1166,13 +1245,15 @@ def image_text_attention_fwd_triton(
     scale: float,
     empty_rows: str,
     schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
+    row_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Lq, Hq, Dh] contiguous in q's dtype, lse [B, Hq, Lq] float32)``; see the module
     docstring. Lq <= 16 takes the split-KV decode path. The caller (the op) validates shapes.
 
     ``schedule``: a ``MediaSchedule``'s ``(chunk_count, chunk_ids)`` for the block ``schedule_blocks``
     names, and then ``media_mask`` is its kernel mask (empty rows already resolved); without one
-    (or with one for another block size) the launcher builds the schedule itself."""
+    (or with one for another block size) the launcher builds the schedule itself. ``row_bits``: the
+    schedule's per-row chunk bits (``MediaSchedule.chunk_bits``, M <= 32), else built per call."""
     _check_runnable(q, empty_rows)
     batch, query_len, heads_q, head_dim = q.shape
     out = torch.empty((batch, query_len, heads_q, head_dim), dtype=q.dtype, device=q.device)
@@ -1182,7 +1263,19 @@ def image_text_attention_fwd_triton(
     if k.shape[1] == 0:  # no keys: every row sees nothing
         return out.zero_(), lse.fill_(float("-inf"))
     path = _decode_forward if query_len <= DECODE_MAX_QUERY_LEN else _prefill_forward
-    path(q, k, v, media_mask, media_len, scale, empty_rows, out, lse, schedule=schedule)
+    path(
+        q,
+        k,
+        v,
+        media_mask,
+        media_len,
+        scale,
+        empty_rows,
+        out,
+        lse,
+        schedule=schedule,
+        row_bits=row_bits,
+    )
     if empty_rows == "mean":
         write_mean_rows(v, media_mask, out, lse)
     return out, lse
@@ -1193,6 +1286,39 @@ def heaviest_first(chunk_count: torch.Tensor) -> torch.Tensor:
     (a chunk schedule's counts: the work of each query block, every chunk being media_len keys),
     most visible chunks first, ties in index order. A device sort: no host sync."""
     return torch.argsort(chunk_count.flatten(), descending=True, stable=True).to(torch.int32)
+
+
+def spans_tiles(dtype: torch.dtype, num_chunks: int) -> bool:
+    """Whether the forward (prefill and decode) walks spanning tiles, and so reads per-row chunk
+    bits, for inputs of ``dtype`` and a mask of ``num_chunks`` chunks (``_span_walk``)."""
+    return num_chunks <= MAX_BIT_CHUNKS and _tiles(dtype).span_tiles
+
+
+def _span_walk(
+    mask: torch.Tensor, dtype: torch.dtype, row_bits: torch.Tensor | None, span_tiles: bool | None
+) -> tuple[bool, torch.Tensor | None]:
+    """``(SPAN_TILES, row bits)`` of a forward launch over kernel mask ``mask`` for inputs of
+    ``dtype``: tiles that span runs of visible chunks when a row's chunks fit in one int32 (M <= 32)
+    and the inputs are 16-bit, reading ``row_bits`` (a MediaSchedule's) or bits built here with
+    device ops (no host sync); else the chunk-aligned walk and no bits. float32 keeps the
+    chunk-aligned walk: its 3xTF32 tiles sit at 246-254 registers, the per-key chunk test spilled
+    20-28 B at Dh 80/96, and its 16/32-key tiles waste under 32 keys per chunk.
+    ``span_tiles`` forces the choice (tests compare the two walks)."""
+    fits = mask.shape[2] <= MAX_BIT_CHUNKS
+    span = spans_tiles(dtype, mask.shape[2]) if span_tiles is None else span_tiles
+    if span and not fits:
+        raise ValueError(f"spanning tiles need M <= {MAX_BIT_CHUNKS} chunks, got {mask.shape[2]}")
+    if not span:
+        return False, None
+    return True, row_bits if row_bits is not None else chunk_bits(mask)
+
+
+def _max_walk_tiles(num_chunks: int, media_len: int, span: bool, block_n: int = 64) -> int:
+    """The most key tiles of ``block_n`` keys a query block may walk (every chunk visible): the split
+    heuristics' measure of work (the visible count is on the device)."""
+    if span:
+        return triton.cdiv(num_chunks * media_len, block_n)
+    return num_chunks * triton.cdiv(media_len, block_n)
 
 
 def _prefill_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
@@ -1217,10 +1343,13 @@ def _prefill_forward(
     lse,
     schedule=None,
     num_splits: int | None = None,
+    row_bits: torch.Tensor | None = None,
+    span_tiles: bool | None = None,
 ) -> None:
-    """With a ``schedule``, ``media_mask`` is already the kernel mask (a MediaSchedule's).
-    ``num_splits`` overrides ``_prefill_num_splits`` (tests); above 1 the forward writes partials
-    that ``_prefill_combine_kernel`` merges (no host sync either way)."""
+    """With a ``schedule``, ``media_mask`` is already the kernel mask (a MediaSchedule's), and
+    ``row_bits`` its chunk bits. ``num_splits`` overrides ``_prefill_num_splits`` (tests); above 1 the
+    forward writes partials that ``_prefill_combine_kernel`` merges (no host sync either way).
+    ``span_tiles=False`` forces the chunk-aligned walk (tests; ``_span_walk``)."""
     batch, query_len, heads_q, head_dim = q.shape
     heads_kv, num_chunks = k.shape[2], media_mask.shape[2]
     mask = media_mask if schedule is not None else _effective_mask(media_mask, empty_rows)
@@ -1232,11 +1361,12 @@ def _prefill_forward(
     schedule = _given_schedule(schedule, query_len, block_m)
     chunk_count, chunk_ids = schedule or block_chunk_schedule_triton(mask, block_m)
     order = heaviest_first(chunk_count)
+    span, row_bits = _span_walk(mask, q.dtype, row_bits, span_tiles)
     mask_u8, mask_strides = _mask_args(mask)
     programs = batch * n_qb * heads_q
     if num_splits is None:
         num_splits = _prefill_num_splits(
-            programs, num_chunks * triton.cdiv(media_len, 64), q.device
+            programs, _max_walk_tiles(num_chunks, media_len, span), q.device
         )
     head_meta = _head_dim_meta(head_dim)
     if num_splits > 1:
@@ -1257,6 +1387,7 @@ def _prefill_forward(
         chunk_count,
         chunk_ids,
         order,
+        chunk_count if row_bits is None else row_bits,  # not read by the chunk-aligned walk
         out,
         lse,
         part_m,
@@ -1286,6 +1417,7 @@ def _prefill_forward(
         tune_configs=_FWD_CONFIGS[block_m],
         INPUT_PRECISION=tiles.fwd_precision,
         SPLIT=num_splits > 1,
+        SPAN_TILES=span,
         **head_meta,
     )
     if num_splits > 1:
@@ -1330,9 +1462,12 @@ def _decode_forward(
     lse,
     num_splits: int | None = None,
     schedule=None,
+    row_bits: torch.Tensor | None = None,
+    span_tiles: bool | None = None,
 ) -> None:
     """The split-KV path (any Lq; the forward takes it for Lq <= 16). ``num_splits`` overrides the
-    heuristic (tests). With a ``schedule``, ``media_mask`` is already the kernel mask. No host sync
+    heuristic (tests). With a ``schedule``, ``media_mask`` is already the kernel mask, and ``row_bits``
+    its chunk bits; ``span_tiles=False`` forces the chunk-aligned walk (tests). No host sync
     and no autotuner: the split count and the kernels' configs follow from the shapes alone, so a
     decode step can be graph-captured."""
     batch, query_len, heads_q, head_dim = q.shape
@@ -1343,8 +1478,11 @@ def _decode_forward(
     block_r = min(tiles.decode_max_rows, max(16, triton.next_power_of_2(query_len * group)))
     n_row_blocks = triton.cdiv(query_len * group, block_r)
     programs = batch * heads_kv * n_row_blocks
+    span, row_bits = _span_walk(mask, q.dtype, row_bits, span_tiles)
     if num_splits is None:
-        num_splits = _decode_num_splits(programs, num_chunks * triton.cdiv(media_len, 64), q.device)
+        num_splits = _decode_num_splits(
+            programs, _max_walk_tiles(num_chunks, media_len, span), q.device
+        )
     head_meta = _head_dim_meta(head_dim)
     block_d = head_meta["BLOCK_D"]
     # One query block spanning the whole sequence: the chunks any of its rows sees (torch ops: no
@@ -1364,6 +1502,7 @@ def _decode_forward(
         mask_u8,
         chunk_count,
         chunk_ids,
+        chunk_count if row_bits is None else row_bits,  # not read by the chunk-aligned walk
         part_m,
         part_l,
         part_acc,
@@ -1389,6 +1528,7 @@ def _decode_forward(
         tune_configs=(_decode_config(tiles, head_dim, block_r),),
         BLOCK_R=block_r,
         INPUT_PRECISION=tiles.fwd_precision,
+        SPAN_TILES=span,
         **head_meta,
     )
     combine_args = (
@@ -1676,11 +1816,16 @@ def _register(
             )
 
 
-# The prefill forward twice: as one pass (SPLIT off) and as the split-KV first pass (SPLIT on: the
-# partial stores replace the epilogue), both launched under the name "image_text_attention_fwd".
-for _name, _split in (
-    ("image_text_attention_fwd", False),
-    ("image_text_attention_fwd_split", True),
+# The prefill forward four times: as one pass (SPLIT off) and as the split-KV first pass (SPLIT on:
+# the partial stores replace the epilogue), both launched under the name "image_text_attention_fwd",
+# each with the spanning walk (SPAN_TILES: 16-bit inputs, M <= 32; float32 registers its one walk, the
+# chunk-aligned one, under both names) and, under the "_chunks" names, the chunk-aligned walk (M > 32);
+# the decode split kernel likewise with both walks.
+for _name, _split, _span in (
+    ("image_text_attention_fwd", False, True),
+    ("image_text_attention_fwd_split", True, True),
+    ("image_text_attention_fwd_chunks", False, False),
+    ("image_text_attention_fwd_split_chunks", True, False),
 ):
     _register(
         _name,
@@ -1689,7 +1834,7 @@ for _name, _split in (
             _fwd_kernel,
             dtype,
             "q_ptr k_ptr v_ptr out_ptr",
-            i32="chunk_count_ptr chunk_ids_ptr order_ptr",
+            i32="chunk_count_ptr chunk_ids_ptr order_ptr row_bits_ptr",
             fp32="lse_ptr part_m_ptr part_l_ptr part_acc_ptr",
             ints="Lq M media_len heads_q group n_qb num_splits",
             aligned=f"{_QKV_STRIDES} stride_ob stride_ot stride_oh",
@@ -1697,22 +1842,29 @@ for _name, _split in (
         configs_of="image_text_attention_fwd",
         INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
         SPLIT=lambda tiles, split=_split: split,
+        SPAN_TILES=lambda tiles, span=_span: span and tiles.span_tiles,
     )
-_register(
-    "image_text_attention_decode_split",
-    _decode_split_kernel,
-    lambda dtype: _aot_signature(
+for _name, _span in (
+    ("image_text_attention_decode_split", True),
+    ("image_text_attention_decode_split_chunks", False),
+):
+    _register(
+        _name,
         _decode_split_kernel,
-        dtype,
-        "q_ptr k_ptr v_ptr",
-        i32="chunk_count_ptr chunk_ids_ptr",
-        fp32="part_m_ptr part_l_ptr part_acc_ptr",
-        ints="Lq M media_len heads_kv group num_splits n_row_blocks",
-        aligned=_QKV_STRIDES,
-    ),
-    INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
-    BLOCK_R=lambda tiles: tiles.decode_max_rows,
-)
+        lambda dtype: _aot_signature(
+            _decode_split_kernel,
+            dtype,
+            "q_ptr k_ptr v_ptr",
+            i32="chunk_count_ptr chunk_ids_ptr row_bits_ptr",
+            fp32="part_m_ptr part_l_ptr part_acc_ptr",
+            ints="Lq M media_len heads_kv group num_splits n_row_blocks",
+            aligned=_QKV_STRIDES,
+        ),
+        configs_of="image_text_attention_decode_split",
+        INPUT_PRECISION=lambda tiles: tiles.fwd_precision,
+        BLOCK_R=lambda tiles: tiles.decode_max_rows,
+        SPAN_TILES=lambda tiles, span=_span: span and tiles.span_tiles,
+    )
 _register(
     "image_text_attention_decode_combine",
     _decode_combine_kernel,

@@ -114,6 +114,7 @@ inline uint32_t load_word(const void* ptr) {
 // rows 256 x 32 x 1024: 353 ms (cat + linear 343 ms); 128 x 32 x 1024: 361; 256 x 32 x 256: 535; 64
 // x 32 with no super block (B from L2, A re-read per 64 features): 467; 128 x 64 likewise: 456.
 constexpr int64_t kPanel = 256;       // output features per task (packed: 3.75 MiB at K = 7680)
+constexpr int64_t kWordStep = 16;     // packing: 32-bit words per row per step (a cache line)
 constexpr int64_t kBlockRows = 32;    // rows per brgemm call
 constexpr int64_t kSuperRows = 1024;  // rows of the float32 tile: 1 MiB, a source's B in L2 over it
 
@@ -144,11 +145,16 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
       const int64_t row_end = std::min(rows, row_begin + group_rows);
       uint32_t* dst = packed;
       for (const auto& src : sources) {
-        for (int64_t j = 0; j < n; ++j) {
-          const T* row = w + (n0 + j) * ldw + src.column;
-          for (int64_t i = 0; i < src.width / 2; ++i) dst[i * kPanel + j] = load_word(row + 2 * i);
+        const int64_t words = src.width / 2;
+        // kWordStep words at a time, as in forward_brgemm_transposed's packing.
+        for (int64_t i0 = 0; i0 < words; i0 += kWordStep) {
+          const int64_t i_end = std::min(words, i0 + kWordStep);
+          for (int64_t j = 0; j < n; ++j) {
+            const T* row = w + (n0 + j) * ldw + src.column;
+            for (int64_t i = i0; i < i_end; ++i) dst[i * kPanel + j] = load_word(row + 2 * i);
+          }
         }
-        dst += src.width / 2 * kPanel;
+        dst += words * kPanel;
       }
       for (int64_t s0 = row_begin; s0 < row_end; s0 += kSuperRows) {
         const int64_t rows_here = std::min(kSuperRows, row_end - s0);
@@ -201,7 +207,8 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
 // once. Tasks: row blocks of at most kTransposedRows, times groups of output features when there
 // are fewer row blocks than 2 x threads (each task then packs its rows: X is the small operand).
 constexpr int64_t kTransposedRows = 256;  // rows per task: B columns, and the tile's row length
-constexpr int64_t kFeatureBlock = 32;     // output features per brgemm call (A rows)
+constexpr int64_t kFeatureBlock = 64;     // output features per brgemm call (A rows)
+constexpr int64_t kRowStep = 16;          // epilogue: output rows per transposed block
 
 template <typename T>
 void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w, int64_t ldw,
@@ -225,7 +232,7 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
     const at::Tensor tile_buffer = at::empty({kFeatureBlock * ldp}, at::kFloat);
     uint32_t* packed = reinterpret_cast<uint32_t*>(packed_buffer.data_ptr<int32_t>());
     float* tile = tile_buffer.data_ptr<float>();
-    float row_out[kFeatureBlock];
+    float block_out[kRowStep][kFeatureBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = task / groups * block_rows;
       const int64_t m = std::min(block_rows, rows - m0);
@@ -235,9 +242,15 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
       uint32_t* dst = packed;
       for (const auto& src : sources) {
         const int64_t words = src.width / 2;
-        for (int64_t r = 0; r < m; ++r) {
-          const T* row = src.data + (m0 + r) * src.row_stride;
-          for (int64_t i = 0; i < words; ++i) dst[i * ldp + r] = load_word(row + 2 * i);
+        // kWordStep words at a time: each row gives one cache line, and the kWordStep packed rows
+        // it writes stay in L1 while the rows advance (a whole row at a time wrote a new line per
+        // word).
+        for (int64_t i0 = 0; i0 < words; i0 += kWordStep) {
+          const int64_t i_end = std::min(words, i0 + kWordStep);
+          for (int64_t r = 0; r < m; ++r) {
+            const T* row = src.data + (m0 + r) * src.row_stride;
+            for (int64_t i = i0; i < i_end; ++i) dst[i * ldp + r] = load_word(row + 2 * i);
+          }
         }
         dst += words * ldp;
       }
@@ -268,9 +281,18 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
             }
           }
         }
-        for (int64_t r = 0; r < m; ++r) {
-          for (int64_t j = 0; j < n; ++j) row_out[j] = tile[j * ldp + r] + bias_f[n0 + j];
-          at::vec::convert(row_out, out + (m0 + r) * cols + n0, n);
+        // The tile transposed into the output kRowStep rows at a time through a small block in
+        // L1 (reading the tile column by column touched kFeatureBlock lines per output row).
+        for (int64_t r0 = 0; r0 < m; r0 += kRowStep) {
+          const int64_t r_count = std::min(kRowStep, m - r0);
+          for (int64_t j = 0; j < n; ++j) {
+            const float* tile_row = tile + j * ldp + r0;
+            const float bias_j = bias_f[n0 + j];
+            for (int64_t r = 0; r < r_count; ++r) block_out[r][j] = tile_row[r] + bias_j;
+          }
+          for (int64_t r = 0; r < r_count; ++r) {
+            at::vec::convert(block_out[r], out + (m0 + r0 + r) * cols + n0, n);
+          }
         }
       }
     }

@@ -38,6 +38,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/thread_scratch.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // The extension is built for baseline x86-64; this file's kernels are built for AVX-512 and run
 // only where patch_embed_cpu_supported() says so. Every header is included above, so only this
@@ -94,30 +96,6 @@ Buffer<T> make_buffer(int64_t count) {
   void* ptr = std::aligned_alloc(64, bytes);
   TORCH_CHECK(ptr != nullptr, "patch_embed (cpu): out of memory allocating ", bytes, " bytes");
   return Buffer<T>(static_cast<T*>(ptr));
-}
-
-// The forward's scratch (packed weight, patch block, C tile): per thread, kept across calls and
-// grown when a call needs more (never shrunk; a few MiB at ViT sizes). Allocated per call, these
-// megabytes were fresh pages every call (glibc maps blocks this large): page faults per bfloat16
-// mllama-shape call went from ~1,160 to ~800 without them (the rest: the output, allocated by
-// ATen, as for any op).
-enum class Scratch { kWeight, kPatches, kTile, kCount };
-template <typename T>
-T* thread_scratch(Scratch slot, int64_t count) {
-  struct Slot {
-    Buffer<char> data;
-    size_t bytes = 0;
-  };
-  thread_local Slot slots[static_cast<int>(Scratch::kCount)];
-  Slot& s = slots[static_cast<int>(slot)];
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-  if (bytes > s.bytes) {
-    s.data.reset();
-    s.bytes = 0;
-    s.data = make_buffer<char>(static_cast<int64_t>(bytes));
-    s.bytes = bytes;
-  }
-  return reinterpret_cast<T*>(s.data.get());
 }
 
 // ---- GEMM: C[M, N] (+)= A[M, K] B[K, N]; float32 C; bfloat16 B in VNNI layout [K / 2][ldb][2] ---
@@ -576,7 +554,7 @@ void forward(const PatchEmbedFwdParams& p) {
   const std::vector<RowBlock> blocks = row_blocks(p.batch, patches);
   if (blocks.empty()) return;
   const int64_t dim_padded = round_up(dim, kPatchEmbedWeightBlockN);
-  T* weight_buffer = thread_scratch<T>(Scratch::kWeight, dim_padded * k_padded);
+  T* weight_buffer = thread_scratch<T>(ScratchSlot::kA, dim_padded * k_padded);
   pack_weight_blocked(static_cast<const Out*>(p.weight), dim, k_size, k_padded, weight_buffer);
   const T* weight = weight_buffer;
   const int64_t max_rows = blocks.front().rows;
@@ -587,8 +565,8 @@ void forward(const PatchEmbedFwdParams& p) {
       p.batch * tokens * dim * static_cast<int64_t>(sizeof(Out)) >= kStreamOutputBytes;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     GemmScope<T> scope;
-    T* a = thread_scratch<T>(Scratch::kPatches, max_rows * k_padded);
-    float* c = thread_scratch<float>(Scratch::kTile, max_rows * kTileN);
+    T* a = thread_scratch<T>(ScratchSlot::kB, max_rows * k_padded);
+    float* c = thread_scratch<float>(ScratchSlot::kC, max_rows * kTileN);
     for (int64_t index = begin; index < end; ++index) {
       const RowBlock& block = blocks[index];
       gather_patches(view, block, a, k_padded);

@@ -14,8 +14,8 @@
 // the CPU has no brgemm for the dtype, the addmm path in that dtype. With fewer rows than output
 // features the 16-bit forward runs transposed (forward_brgemm_transposed) and packs the rows, not
 // W. Backward: ATen mm_out on views (MKL / oneDNN, float32 accumulation), so each gradient is
-// rounded once. The forward allocates the output, plus per thread one packed operand block and
-// one float32 tile (16-bit).
+// rounded once. The forward allocates the output; the 16-bit paths also use, per thread, one
+// packed operand block and one float32 tile, kept across calls (cpu/thread_scratch.h).
 #include "torch/concat_project_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <type_traits>
+
+#include "cpu/thread_scratch.h"
 
 namespace vlmk {
 namespace {
@@ -133,11 +135,10 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
   if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
 
   at::parallel_for(0, panels * row_groups, 1, [&](int64_t begin, int64_t end) {
-    // Scratch from ATen's allocator, so that memory profiles count it.
-    const at::Tensor packed_buffer = at::empty({packed_words}, at::kInt);
-    const at::Tensor tile_buffer = at::empty({kSuperRows * kPanel}, at::kFloat);
-    uint32_t* packed = reinterpret_cast<uint32_t*>(packed_buffer.data_ptr<int32_t>());
-    float* tile = tile_buffer.data_ptr<float>();
+    // Per-thread scratch kept across calls (cpu/thread_scratch.h: allocated per call, it was
+    // fresh pages every call), so ATen's memory profile does not count it.
+    uint32_t* packed = cpu::thread_scratch<uint32_t>(cpu::ScratchSlot::kA, packed_words);
+    float* tile = cpu::thread_scratch<float>(cpu::ScratchSlot::kB, kSuperRows * kPanel);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task / row_groups * kPanel;
       const int64_t n = std::min(kPanel, cols - n0);
@@ -227,11 +228,9 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
   if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
 
   at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
-    // Scratch from ATen's allocator, so that memory profiles count it.
-    const at::Tensor packed_buffer = at::empty({std::max<int64_t>(packed_words, 1)}, at::kInt);
-    const at::Tensor tile_buffer = at::empty({kFeatureBlock * ldp}, at::kFloat);
-    uint32_t* packed = reinterpret_cast<uint32_t*>(packed_buffer.data_ptr<int32_t>());
-    float* tile = tile_buffer.data_ptr<float>();
+    // Per-thread scratch kept across calls (as in forward_brgemm).
+    uint32_t* packed = cpu::thread_scratch<uint32_t>(cpu::ScratchSlot::kA, packed_words);
+    float* tile = cpu::thread_scratch<float>(cpu::ScratchSlot::kB, kFeatureBlock * ldp);
     float block_out[kRowStep][kFeatureBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = task / groups * block_rows;

@@ -159,6 +159,26 @@ def _chunk_tile(
 
 
 @triton.jit
+def _walk_tile(
+    tile,
+    chunk_ids,
+    chunk_count,
+    media_len,
+    row_bits,
+    mask_rows,
+    stride_mask_m,
+    row_in,
+    BLOCK_N: tl.constexpr,
+    SPAN_TILES: tl.constexpr,
+):
+    """Tile ``tile`` of the walk the kernel was compiled for: ``_span_tile`` or ``_chunk_tile``."""
+    if SPAN_TILES:
+        return _span_tile(tile, chunk_ids, chunk_count, media_len, row_bits, BLOCK_N)
+    else:
+        return _chunk_tile(tile, chunk_ids, media_len, mask_rows, stride_mask_m, row_in, BLOCK_N)
+
+
+@triton.jit
 def _walk_tiles(chunk_count, media_len, BLOCK_N: tl.constexpr, SPAN_TILES: tl.constexpr):
     """The number of key tiles a block with ``chunk_count`` visible chunks walks."""
     if SPAN_TILES:
@@ -248,6 +268,7 @@ def _fwd_kernel(
     schedule = batch * n_qb + q_block
     chunk_count = tl.load(chunk_count_ptr + schedule)
     chunk_ids = chunk_ids_ptr + schedule * M
+    row_bits = 0  # read by the spanning walk only
     if SPAN_TILES:
         row_bits = tl.load(row_bits_ptr + batch * Lq + rows64, mask=row_in, other=0)
 
@@ -266,14 +287,18 @@ def _fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # One flat loop over the block's visible key tiles: a single pipelined loop on the GPU.
     for tile in range(tile_start, tile_end):
-        if SPAN_TILES:
-            keys, key_in, visible = _span_tile(
-                tile, chunk_ids, chunk_count, media_len, row_bits, BLOCK_N
-            )
-        else:
-            keys, key_in, visible = _chunk_tile(
-                tile, chunk_ids, media_len, mask_rows, stride_mask_m, row_in, BLOCK_N
-            )
+        keys, key_in, visible = _walk_tile(
+            tile,
+            chunk_ids,
+            chunk_count,
+            media_len,
+            row_bits,
+            mask_rows,
+            stride_mask_m,
+            row_in,
+            BLOCK_N,
+            SPAN_TILES,
+        )
         acc, m_i, l_i = attend_tile(
             q,
             acc,
@@ -490,6 +515,7 @@ def _decode_split_kernel(
 
     chunk_count = tl.load(chunk_count_ptr + batch)
     chunk_ids = chunk_ids_ptr + batch * M
+    row_bits = 0  # read by the spanning walk only
     if SPAN_TILES:
         row_bits = tl.load(row_bits_ptr + batch * Lq + token, mask=row_in, other=0)
     # The visible tiles, counted on the device, split evenly: a split's share follows the visible
@@ -503,14 +529,18 @@ def _decode_split_kernel(
     l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for tile in range(tile_start, tile_end):
-        if SPAN_TILES:
-            keys, key_in, visible = _span_tile(
-                tile, chunk_ids, chunk_count, media_len, row_bits, BLOCK_N
-            )
-        else:
-            keys, key_in, visible = _chunk_tile(
-                tile, chunk_ids, media_len, mask_rows, stride_mask_m, row_in, BLOCK_N
-            )
+        keys, key_in, visible = _walk_tile(
+            tile,
+            chunk_ids,
+            chunk_count,
+            media_len,
+            row_bits,
+            mask_rows,
+            stride_mask_m,
+            row_in,
+            BLOCK_N,
+            SPAN_TILES,
+        )
         acc, m_i, l_i = attend_tile(
             q,
             acc,

@@ -50,9 +50,10 @@ def test_tile_edges(dtype):
 @pytest.mark.parametrize("rows", [1, 17, 600])
 def test_transposed_tile_edges(dtype, rows):
     """Fewer rows than outputs: the 16-bit forward packs the rows (out^T = W X^T). 600 rows: three
-    row blocks of 200 (B padded to 208); 1000 outputs: 31 full 32-feature blocks and a partial
-    one; odd and even widths (odd: the last column as a float32 rank-1 update)."""
-    check(*make_inputs((rows,), (7, 24, 41, 64), 1000, dtype))
+    row blocks of 200 (B padded to 208); 1000 outputs: 15 full 64-feature blocks and a partial one;
+    odd and even widths (odd: the last column as a float32 rank-1 update); a 601-wide source takes
+    three brgemm K steps (256, 256, 88)."""
+    check(*make_inputs((rows,), (7, 24, 41, 64, 601), 1000, dtype))
 
 
 def test_empty_sizes():

@@ -56,6 +56,21 @@ def test_transposed_tile_edges(dtype, rows):
     check(*make_inputs((rows,), (7, 24, 41, 64, 601), 1000, dtype))
 
 
+def test_streamed_output():
+    """An output of 4 MiB and more (4200 x 520 bfloat16) is written by non-temporal stores of whole
+    lines where a row starts on one (rows of 1040 bytes: every fourth row), regular stores
+    elsewhere and for the 8-feature tail of the 256-feature panels."""
+    check(*make_inputs((4200,), (64, 97), 520, BF16))
+
+
+@pytest.mark.parametrize("outputs", [4096, 4100])
+def test_transposed_streamed_output(outputs):
+    """Transposed, an output of 4 MiB and more (520 x 4096 bfloat16) is written by non-temporal
+    stores of whole lines; 520 rows: three row blocks of 174, each ten whole 16-row blocks and a
+    14-row tail. 4100 outputs (rows of 8200 bytes) keep regular stores."""
+    check(*make_inputs((520,), (64, 97), outputs, BF16))
+
+
 def test_empty_sizes():
     for lead, widths, dim in (((0,), (8, 4), 16), ((5,), (8, 4), 0), ((5,), (8, 0, 4), 16)):
         check(*make_inputs(lead, widths, dim, F32))

@@ -38,6 +38,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/avx512_util.h"
 #include "cpu/thread_scratch.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -67,8 +68,6 @@ constexpr int64_t kMaxBlockRows = 256;
 // Output columns per forward C tile: [rows, kTileN] float32 stays in L2 next to the A block and
 // the weight (128 measured a little faster than 64, 256 and 512 at both ViT shapes, bfloat16).
 constexpr int64_t kTileN = 128;
-// The forward writes its output with non-temporal stores from this size up.
-constexpr int64_t kStreamOutputBytes = int64_t{4} << 20;
 // Largest brgemm M and N per call (each distinct shape is JIT-compiled once and cached).
 constexpr int64_t kGemmMaxM = 256;
 constexpr int64_t kGemmMaxN = 512;
@@ -174,10 +173,7 @@ inline T from_float(float value) {
 }
 
 #if VLMK_PE_AVX512
-// 16 lanes of float32 from n <= 16 elements (masked: nothing is read past them).
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
-}
+using avx512::lanes;
 inline __m512 load16(const float* ptr, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, ptr); }
 inline __m512 load16(const BFloat16* ptr, __mmask16 mask) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr));
@@ -198,36 +194,23 @@ inline __m512 load16(const double* ptr, __mmask16 mask) {
 inline void store16(float* ptr, __m512 value, __mmask16 mask) {
   _mm512_mask_storeu_ps(ptr, mask, value);
 }
-// float32 -> bfloat16, round to nearest even (as c10::BFloat16); NaN stays a (quiet) NaN. Integer
-// ops, so no AVX512-BF16 is needed.
-inline __m256i to_bf16_bits(__m512 value) {
-  const __m512i bits = _mm512_castps_si512(value);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
 inline void store16(BFloat16* ptr, __m512 value, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(ptr, mask, to_bf16_bits(value));
-}
-inline __m256i to_half_bits(__m512 value) {
-  return _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_mask_storeu_epi16(ptr, mask, avx512::bf16_bits(value));
 }
 inline void store16(Half* ptr, __m512 value, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(ptr, mask, to_half_bits(value));
+  _mm256_mask_storeu_epi16(ptr, mask, avx512::half_bits(value));
 }
 // One whole 64-byte line of dst, written with a non-temporal store (dst 64-byte aligned).
 inline void stream_line(float* dst, __m512 v0, __m512) { _mm512_stream_ps(dst, v0); }
 inline void stream_line(BFloat16* dst, __m512 v0, __m512 v1) {
   _mm512_stream_si512(
       reinterpret_cast<__m512i*>(dst),
-      _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_bits(v0)), to_bf16_bits(v1), 1));
+      _mm512_inserti64x4(_mm512_castsi256_si512(avx512::bf16_bits(v0)), avx512::bf16_bits(v1), 1));
 }
 inline void stream_line(Half* dst, __m512 v0, __m512 v1) {
   _mm512_stream_si512(
       reinterpret_cast<__m512i*>(dst),
-      _mm512_inserti64x4(_mm512_castsi256_si512(to_half_bits(v0)), to_half_bits(v1), 1));
+      _mm512_inserti64x4(_mm512_castsi256_si512(avx512::half_bits(v0)), avx512::half_bits(v1), 1));
 }
 inline void store16(double* ptr, __m512 value, __mmask16 mask) {
   _mm512_mask_storeu_pd(ptr, static_cast<__mmask8>(mask),
@@ -274,7 +257,7 @@ inline void add_store_row(const float* c, const Out* bias, const Out* pos, int64
 
 // add_store_row, with every whole 64-byte line of dst written by a non-temporal store: the
 // forward's output is written once and not read back by this op, so its lines need not be read
-// into the cache first (a regular store reads each line before writing it). Needs _mm_sfence()
+// into the cache first (a regular store reads each line before writing it). Needs stream_fence()
 // before another thread reads dst.
 template <typename Out>
 inline void add_stream_row(const float* c, const Out* bias, const Out* pos, int64_t n, Out* dst) {
@@ -585,7 +568,7 @@ void forward(const PatchEmbedFwdParams& p) {
       }
     }
 #if VLMK_PE_AVX512
-    _mm_sfence();  // the streamed lines are visible to other threads after this
+    stream_fence();  // the streamed lines are visible to other threads after this
 #endif
   });
 }

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu/avx512_util.h"
 #include "cpu/thread_scratch.h"
 
 namespace vlmk {
@@ -104,6 +105,243 @@ inline uint32_t load_word(const void* ptr) {
   return word;
 }
 
+// ---- the 16-bit paths' packing and epilogues: AVX-512 where the CPU has it, else portable loops
+
+constexpr int64_t kWordStep = 16;  // portable packing: 32-bit words per row per step (a line)
+
+#if VLMK_HAVE_AVX512_UTIL
+// GCC 12 reports the masked-load intrinsics' internal undefined vectors as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 16 x 16 blocks of words: 16 row loads of a line each, a register transpose, 16 stores.
+VLMK_AVX512_FN void pack_word_columns_avx512(const uint16_t* src, int64_t src_stride, int64_t rows,
+                                             int64_t words, uint32_t* dst, int64_t ld_dst) {
+  __m512i block[16];
+  // Rows outer: 16 source rows are read front to back together (16 streams the prefetcher
+  // follows) while the packed rows they feed stay in L2 (words outer read 16-word columns down
+  // all rows: ~4% slower on the llava bf16 forward).
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t row_count = std::min<int64_t>(16, rows - r0);
+    const __mmask16 row_mask = cpu::avx512::lanes(row_count);
+    for (int64_t i0 = 0; i0 < words; i0 += 16) {
+      const int64_t word_count = std::min<int64_t>(16, words - i0);
+      const __mmask16 word_mask = cpu::avx512::lanes(word_count);
+      cpu::avx512::load_block16(block, src + r0 * src_stride + 2 * i0, src_stride * 2, row_count,
+                                word_mask);
+      cpu::avx512::transpose16x16(block);
+      for (int64_t i = 0; i < word_count; ++i) {
+        _mm512_mask_storeu_epi32(dst + (i0 + i) * ld_dst + r0, row_mask, block[i]);
+      }
+    }
+  }
+}
+
+template <typename T>
+VLMK_AVX512_FN inline __m256i bits16(__m512 value) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return cpu::avx512::bf16_bits(value);
+  } else {
+    return cpu::avx512::half_bits(value);
+  }
+}
+
+template <typename T>
+VLMK_AVX512_FN void add_bias_store_avx512(const float* acc, const float* bias, int64_t n, T* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = cpu::avx512::lanes(n - j);
+    const __m512 value =
+        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, acc + j), _mm512_maskz_loadu_ps(mask, bias + j));
+    _mm256_mask_storeu_epi16(out + j, mask, bits16<T>(value));
+  }
+}
+
+// bfloat16 on a CPU with AVX512-BF16: out[j] = acc[j] + bias[j] for the whole 32s of j < n, one
+// vcvtne2ps2bf16 and one 64-byte store each (non-temporal when `stream` and out is 64-byte
+// aligned: the caller fences). Returns how many it wrote.
+VLMK_AVX512_BF16_FN int64_t add_bias_store_bf16_lines(const float* acc, const float* bias,
+                                                      int64_t n, c10::BFloat16* out, bool stream) {
+  stream = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 low = _mm512_add_ps(_mm512_loadu_ps(acc + j), _mm512_loadu_ps(bias + j));
+    const __m512 high =
+        _mm512_add_ps(_mm512_loadu_ps(acc + j + 16), _mm512_loadu_ps(bias + j + 16));
+    const __m512i line = (__m512i)_mm512_cvtne2ps_pbh(high, low);
+    if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), line);
+    } else {
+      _mm512_storeu_si512(out + j, line);
+    }
+  }
+  return j;
+}
+
+// bfloat16 on a CPU with AVX512-BF16, 16 rows x 32 features at a time: per feature pair, the two
+// tile rows + bias are rounded by one vcvtne2ps2bf16 (round to nearest even, NaN kept; like
+// oneDNN's own bfloat16 outputs it reads and writes float32 denormals as zero) and interleaved into
+// 16 words (f_2p, f_2p+1) per row; a transpose of those 16 vectors gives each output row's 32
+// features, one 64-byte store (non-temporal when `stream`: the caller fences). Features past the
+// last whole 32 and rows past the last whole 16 are left to the caller.
+VLMK_AVX512_BF16_FN void store_transposed_bf16_pairs(const float* tile, int64_t ld_tile, int64_t n,
+                                                     int64_t m, const float* bias,
+                                                     c10::BFloat16* out, int64_t ld_out,
+                                                     bool stream) {
+  // Word t of the result: element t of the low half, then element t of the high half.
+  const __m512i interleave =
+      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  __m512i block[16];
+  // Non-temporal only where every row's stores are whole aligned lines.
+  stream = stream && reinterpret_cast<uintptr_t>(out) % 64 == 0 && ld_out % 32 == 0;
+  for (int64_t r0 = 0; r0 + 16 <= m; r0 += 16) {
+    for (int64_t j0 = 0; j0 + 32 <= n; j0 += 32) {
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) {
+        const int64_t j = j0 + 2 * p;
+        const __m512 even =
+            _mm512_add_ps(_mm512_loadu_ps(tile + j * ld_tile + r0), _mm512_set1_ps(bias[j]));
+        const __m512 odd = _mm512_add_ps(_mm512_loadu_ps(tile + (j + 1) * ld_tile + r0),
+                                         _mm512_set1_ps(bias[j + 1]));
+        block[p] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+      }
+      cpu::avx512::transpose16x16(block);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        c10::BFloat16* dst = out + (r0 + r) * ld_out + j0;
+        if (stream) {
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), block[r]);
+        } else {
+          _mm512_storeu_si512(dst, block[r]);
+        }
+      }
+    }
+  }
+}
+
+// Per 16 rows x 16 features: 16 tile row loads, a register transpose, bias, 16 row stores. Whole
+// blocks take unmasked loads and stores with fixed trip counts (in the masked general form GCC
+// kept the block on the stack).
+template <typename T>
+VLMK_AVX512_FN void store_transposed_avx512(const float* tile, int64_t ld_tile, int64_t n,
+                                            int64_t m, const float* bias, T* out, int64_t ld_out) {
+  __m512i block[16];
+  for (int64_t r0 = 0; r0 < m; r0 += 16) {
+    const int64_t row_count = std::min<int64_t>(16, m - r0);
+    const __mmask16 row_mask = cpu::avx512::lanes(row_count);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t feature_count = std::min<int64_t>(16, n - j0);
+      const __mmask16 feature_mask = cpu::avx512::lanes(feature_count);
+      const __m512 bias_v = _mm512_maskz_loadu_ps(feature_mask, bias + j0);
+      if (row_count == 16 && feature_count == 16) {
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+          block[j] = _mm512_castps_si512(_mm512_loadu_ps(tile + (j0 + j) * ld_tile + r0));
+        }
+        cpu::avx512::transpose16x16(block);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {
+          const __m512 value = _mm512_add_ps(_mm512_castsi512_ps(block[r]), bias_v);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r0 + r) * ld_out + j0),
+                              bits16<T>(value));
+        }
+        continue;
+      }
+      cpu::avx512::load_block16(block, tile + j0 * ld_tile + r0, ld_tile * 4, feature_count,
+                                row_mask);
+      cpu::avx512::transpose16x16(block);
+      for (int64_t r = 0; r < row_count; ++r) {
+        const __m512 value = _mm512_add_ps(_mm512_castsi512_ps(block[r]), bias_v);
+        _mm256_mask_storeu_epi16(out + (r0 + r) * ld_out + j0, feature_mask, bits16<T>(value));
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// dst[i * ld_dst + r] = the 32-bit word at src + r * src_stride + 2i, for r < rows, i < words: a
+// transpose of words, which gives brgemm's VNNI B operand (pairs along K) from row-major rows.
+// Columns rows .. ld_dst of dst are not written.
+template <typename T>
+void pack_word_columns(const T* src, int64_t src_stride, int64_t rows, int64_t words, uint32_t* dst,
+                       int64_t ld_dst) {
+  static_assert(sizeof(T) == 2);
+#if VLMK_HAVE_AVX512_UTIL
+  if (cpu::avx512::supported()) {
+    return pack_word_columns_avx512(reinterpret_cast<const uint16_t*>(src), src_stride, rows, words,
+                                    dst, ld_dst);
+  }
+#endif
+  // kWordStep words at a time: each row gives one cache line, and the kWordStep packed rows it
+  // writes stay in L1 while the rows advance (a whole row at a time wrote a new line per word).
+  for (int64_t i0 = 0; i0 < words; i0 += kWordStep) {
+    const int64_t i_end = std::min(words, i0 + kWordStep);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = src + r * src_stride;
+      for (int64_t i = i0; i < i_end; ++i) dst[i * ld_dst + r] = load_word(row + 2 * i);
+    }
+  }
+}
+
+// out[j] = T(acc[j] + bias[j]), j < n, rounded once. With `stream`, the bfloat16 path writes
+// whole aligned lines non-temporally (the caller fences).
+template <typename T>
+void add_bias_store(const float* acc, const float* bias, int64_t n, T* out, bool stream = false) {
+#if VLMK_HAVE_AVX512_UTIL
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu::avx512::bf16_supported()) {
+      const int64_t done = add_bias_store_bf16_lines(acc, bias, n, out, stream);
+      if (done < n) add_bias_store_avx512(acc + done, bias + done, n - done, out + done);
+      return;
+    }
+  }
+  if (cpu::avx512::supported()) return add_bias_store_avx512(acc, bias, n, out);
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(acc[j] + bias[j]);
+}
+
+// out[r * ld_out + j] = T(tile[j * ld_tile + r] + bias[j]), j < n, r < m, rounded once.
+// With `stream`, the bfloat16 path writes whole lines non-temporally (the caller fences).
+template <typename T>
+void store_transposed(const float* tile, int64_t ld_tile, int64_t n, int64_t m, const float* bias,
+                      T* out, int64_t ld_out, bool stream) {
+#if VLMK_HAVE_AVX512_UTIL
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu::avx512::bf16_supported()) {
+      const int64_t whole_m = m / 16 * 16, whole_n = n / 32 * 32;
+      store_transposed_bf16_pairs(tile, ld_tile, n, m, bias, out, ld_out, stream);
+      if (whole_n < n && whole_m > 0) {
+        store_transposed_avx512(tile + whole_n * ld_tile, ld_tile, n - whole_n, whole_m,
+                                bias + whole_n, out + whole_n, ld_out);
+      }
+      if (whole_m < m) {
+        store_transposed_avx512(tile + whole_m, ld_tile, n, m - whole_m, bias,
+                                out + whole_m * ld_out, ld_out);
+      }
+      return;
+    }
+  }
+  if (cpu::avx512::supported())
+    return store_transposed_avx512(tile, ld_tile, n, m, bias, out, ld_out);
+#endif
+  // kRowStep output rows at a time through a small block in L1 (reading the tile column by column
+  // touched a new line per value).
+  constexpr int64_t kRowStep = 16;
+  float block[kRowStep][kWordStep];
+  for (int64_t r0 = 0; r0 < m; r0 += kRowStep) {
+    const int64_t r_count = std::min(kRowStep, m - r0);
+    for (int64_t j0 = 0; j0 < n; j0 += kWordStep) {
+      const int64_t j_count = std::min(kWordStep, n - j0);
+      for (int64_t j = 0; j < j_count; ++j) {
+        for (int64_t r = 0; r < r_count; ++r) block[r][j] = tile[(j0 + j) * ld_tile + r0 + r];
+      }
+      for (int64_t r = 0; r < r_count; ++r) {
+        add_bias_store(block[r], bias + j0, j_count, out + (r0 + r) * ld_out + j0);
+      }
+    }
+  }
+}
+
 // bfloat16 / float16: float32 accumulation through oneDNN's brgemm ukernel, one panel of kPanel
 // output features per task. The task packs the panel's weight once, for every source, as brgemm B
 // operands [D_l, kPanel] in VNNI layout (pairs along D_l: word (i, n) = W[n0 + n, c_l + 2i ..
@@ -116,7 +354,6 @@ inline uint32_t load_word(const void* ptr) {
 // rows 256 x 32 x 1024: 353 ms (cat + linear 343 ms); 128 x 32 x 1024: 361; 256 x 32 x 256: 535; 64
 // x 32 with no super block (B from L2, A re-read per 64 features): 467; 128 x 64 likewise: 456.
 constexpr int64_t kPanel = 256;       // output features per task (packed: 3.75 MiB at K = 7680)
-constexpr int64_t kWordStep = 16;     // packing: 32-bit words per row per step (a cache line)
 constexpr int64_t kBlockRows = 32;    // rows per brgemm call
 constexpr int64_t kSuperRows = 1024;  // rows of the float32 tile: 1 MiB, a source's B in L2 over it
 
@@ -133,6 +370,7 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
   for (const auto& src : sources) packed_words += src.width / 2 * kPanel;
   std::vector<float> bias_f(cols, 0.0f);
   if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
+  const bool stream = rows * cols * static_cast<int64_t>(sizeof(T)) >= cpu::kStreamOutputBytes;
 
   at::parallel_for(0, panels * row_groups, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch kept across calls (cpu/thread_scratch.h: allocated per call, it was
@@ -146,16 +384,8 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
       const int64_t row_end = std::min(rows, row_begin + group_rows);
       uint32_t* dst = packed;
       for (const auto& src : sources) {
-        const int64_t words = src.width / 2;
-        // kWordStep words at a time, as in forward_brgemm_transposed's packing.
-        for (int64_t i0 = 0; i0 < words; i0 += kWordStep) {
-          const int64_t i_end = std::min(words, i0 + kWordStep);
-          for (int64_t j = 0; j < n; ++j) {
-            const T* row = w + (n0 + j) * ldw + src.column;
-            for (int64_t i = i0; i < i_end; ++i) dst[i * kPanel + j] = load_word(row + 2 * i);
-          }
-        }
-        dst += words * kPanel;
+        pack_word_columns(w + n0 * ldw + src.column, ldw, n, src.width / 2, dst, kPanel);
+        dst += src.width / 2 * kPanel;
       }
       for (int64_t s0 = row_begin; s0 < row_end; s0 += kSuperRows) {
         const int64_t rows_here = std::min(kSuperRows, row_end - s0);
@@ -186,13 +416,12 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
           }
         }
         for (int64_t r = 0; r < rows_here; ++r) {
-          float* acc = tile + r * kPanel;
-          const float* bias_row = bias_f.data() + n0;
-          for (int64_t j = 0; j < n; ++j) acc[j] += bias_row[j];  // vectorized by the compiler
-          at::vec::convert(acc, out + (s0 + r) * cols + n0, n);
+          add_bias_store(tile + r * kPanel, bias_f.data() + n0, n, out + (s0 + r) * cols + n0,
+                         stream);
         }
       }
     }
+    cpu::stream_fence();
     at::native::cpublas::brgemm_release(/*is_vnni=*/true);
   });
 }
@@ -209,7 +438,6 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
 // are fewer row blocks than 2 x threads (each task then packs its rows: X is the small operand).
 constexpr int64_t kTransposedRows = 256;  // rows per task: B columns, and the tile's row length
 constexpr int64_t kFeatureBlock = 64;     // output features per brgemm call (A rows)
-constexpr int64_t kRowStep = 16;          // epilogue: output rows per transposed block
 // K per brgemm call. llava-2layer bf16, one thread, 3 alternating runs: 11.5-11.7 ms with each
 // source's whole K per call, 10.4-10.8 ms with 256 (512: 11.1, 128: 11.7). The untransposed path
 // (mllama) measured slower with K steps (256: 253-259 ms against 229-234), so it keeps whole K.
@@ -230,12 +458,12 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
   for (const auto& src : sources) packed_words += src.width / 2 * ldp;
   std::vector<float> bias_f(cols, 0.0f);
   if (bias != nullptr) std::copy(bias, bias + cols, bias_f.begin());
+  const bool stream = rows * cols * static_cast<int64_t>(sizeof(T)) >= cpu::kStreamOutputBytes;
 
   at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch kept across calls (as in forward_brgemm).
     uint32_t* packed = cpu::thread_scratch<uint32_t>(cpu::ScratchSlot::kA, packed_words);
     float* tile = cpu::thread_scratch<float>(cpu::ScratchSlot::kB, kFeatureBlock * ldp);
-    float block_out[kRowStep][kFeatureBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = task / groups * block_rows;
       const int64_t m = std::min(block_rows, rows - m0);
@@ -244,18 +472,9 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
       const int64_t block_end = std::min(feature_blocks, block_begin + group_blocks);
       uint32_t* dst = packed;
       for (const auto& src : sources) {
-        const int64_t words = src.width / 2;
-        // kWordStep words at a time: each row gives one cache line, and the kWordStep packed rows
-        // it writes stay in L1 while the rows advance (a whole row at a time wrote a new line per
-        // word).
-        for (int64_t i0 = 0; i0 < words; i0 += kWordStep) {
-          const int64_t i_end = std::min(words, i0 + kWordStep);
-          for (int64_t r = 0; r < m; ++r) {
-            const T* row = src.data + (m0 + r) * src.row_stride;
-            for (int64_t i = i0; i < i_end; ++i) dst[i * ldp + r] = load_word(row + 2 * i);
-          }
-        }
-        dst += words * ldp;
+        pack_word_columns(src.data + m0 * src.row_stride, src.row_stride, m, src.width / 2, dst,
+                          ldp);
+        dst += src.width / 2 * ldp;
       }
       for (int64_t fb = block_begin; fb < block_end; ++fb) {
         const int64_t n0 = fb * kFeatureBlock;
@@ -289,21 +508,10 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
             }
           }
         }
-        // The tile transposed into the output kRowStep rows at a time through a small block in
-        // L1 (reading the tile column by column touched kFeatureBlock lines per output row).
-        for (int64_t r0 = 0; r0 < m; r0 += kRowStep) {
-          const int64_t r_count = std::min(kRowStep, m - r0);
-          for (int64_t j = 0; j < n; ++j) {
-            const float* tile_row = tile + j * ldp + r0;
-            const float bias_j = bias_f[n0 + j];
-            for (int64_t r = 0; r < r_count; ++r) block_out[r][j] = tile_row[r] + bias_j;
-          }
-          for (int64_t r = 0; r < r_count; ++r) {
-            at::vec::convert(block_out[r], out + (m0 + r0 + r) * cols + n0, n);
-          }
-        }
+        store_transposed(tile, ldp, n, m, bias_f.data() + n0, out + m0 * cols + n0, cols, stream);
       }
     }
+    cpu::stream_fence();
     at::native::cpublas::brgemm_release(/*is_vnni=*/true);
   });
 }
@@ -413,8 +621,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_bwd_c
     grad_weight.zero_();
     return {grad_features, grad_weight, at::zeros({cols}, weight.options())};
   }
-  // The bias gradient: column sums of dY, accumulated in float32.
-  at::Tensor grad_bias = grad.sum(0, /*keepdim=*/false, at::kFloat).to(weight.scalar_type());
+  // The bias gradient: column sums of dY. ATen's CPU sum accumulates 16-bit values in float32 and
+  // rounds once (bit for bit the float32 sum rounded, at 577-30000 rows), ~3.5x faster than
+  // sum(dtype=float32), which first copies dY to float32.
+  at::Tensor grad_bias = grad.sum(0);
 
   int64_t column = 0;
   for (size_t l = 0; l < flat.size(); ++l) {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import registry, report
+from benchmarks import registry, report, timing
 from benchmarks.runner import RunConfig, build_cases, run_case, select_providers
 from benchmarks.spec import DTYPES, MODES
 
@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="RSS sampling interval for CPU peak memory",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU runs: keep glibc's default mmap / trim thresholds (by default they are pinned so "
+        "that repeated calls reuse their memory instead of page-faulting; see "
+        "timing.steady_malloc)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--device {device}: no CUDA device is available here")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    steady = device.type == "cpu" and not args.default_malloc and timing.steady_malloc()
     if args.list:
         print(list_registry(device))
         return 0
@@ -200,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         results += run_case(case, providers, config, progress)
 
     env = report.environment(device)
+    if device.type == "cpu":
+        env["malloc"] = "steady (glibc thresholds pinned)" if steady else "glibc default"
     print(report.markdown(results, env))
     if args.name:
         name = args.name

@@ -108,11 +108,13 @@ def steady_malloc() -> bool:
 
     With glibc's defaults the mmap threshold moves with the allocation history and the heap is
     trimmed whenever its free top passes twice that threshold, so the same call can take from 0 to
-    thousands of page faults depending on what was allocated and freed before it: measured on the
-    llava-2layer concat_project forward (bf16, 2 threads), ~400 faults per call for one provider and
-    ~2,000-2,700 for the other in one heap layout, and the reverse in another, moving medians by
-    20-40%. Every provider of a run shares the setting; a serving process with a caching allocator
-    (or jemalloc / tcmalloc) is in this steady state too. Blocks over 32 MiB are still mmapped.
+    thousands of page faults depending on what was allocated and freed before it. Measured on the
+    llava-2layer concat_project forward (bf16, 2 threads, 12 calls after a first one): with the
+    first outputs kept alive, as the runner keeps them for its check, ~400 faults per call for ours
+    and 2,000-2,700 for cat + Linear (8.4-9.3 ms instead of ~5.5); with nothing kept, ~30-60 for
+    ours and 0-2 for cat + Linear. Every provider of a run shares the setting; a serving process
+    with a caching allocator (or jemalloc / tcmalloc) is in this steady state too. Blocks over
+    32 MiB are still mmapped.
     """
     name = ctypes.util.find_library("c")
     try:

@@ -489,8 +489,6 @@ void pack_weight_blocked(const Out* w, int64_t d, int64_t k, int64_t k_padded, T
   });
 }
 
-// out[row][j] = c[row][j] + bias[j] + pos[row][j] for a tile of rows x cols (pointers at the tile),
-// whole lines of out by non-temporal stores when `stream`.
 #if VLMK_PE_AVX512
 // add_store_row / add_stream_row for bfloat16 on a CPU with AVX512-BF16: 32 values per
 // vcvtne2ps2bf16 (round to nearest even, NaN kept; like oneDNN's bfloat16 outputs, float32
@@ -536,6 +534,8 @@ VLMK_AVX512_BF16_FN void add_store_row_bf16(const float* c, const BFloat16* bias
 }
 #endif
 
+// out[row][j] = c[row][j] + bias[j] + pos[row][j] for a tile of rows x cols (pointers at the tile),
+// whole lines of out by non-temporal stores when `stream`.
 template <typename Out>
 void store_tile(const float* c, int64_t ldc, int64_t rows, int64_t cols, const Out* bias,
                 const Out* pos, Out* out, int64_t ld, bool stream) {

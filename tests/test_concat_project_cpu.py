@@ -5,6 +5,10 @@ widths, leading shapes [T] and [B, I, T, N], float32 / bfloat16 / float16, strid
 torch.compile. Tolerances: tests/concat_project_testing.py.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,6 +73,25 @@ def test_transposed_streamed_output(outputs):
     stores of whole lines; 520 rows: three row blocks of 174, each ten whole 16-row blocks and a
     14-row tail. 4100 outputs (rows of 8200 bytes) keep regular stores."""
     check(*make_inputs((520,), (64, 97), outputs, BF16))
+
+
+def test_portable_loops_without_avx512():
+    """VLMK_CPU_NO_AVX512=1 (a fresh process): the 16-bit paths' packing and epilogues take their
+    portable loops, transposed and not, with odd widths, partial blocks and a streamed-size output."""
+    script = (
+        "import torch\n"
+        "from tests.test_concat_project_cpu import check\n"
+        "from tests.concat_project_testing import make_inputs, BF16, F16\n"
+        "for dtype in (BF16, F16):\n"
+        "    check(*make_inputs((600,), (7, 24, 41, 64, 601), 1000, dtype))\n"
+        "    check(*make_inputs((1100,), (7, 24, 41), 700, dtype))\n"
+        "check(*make_inputs((520,), (64, 97), 4096, BF16))\n"
+    )
+    env = dict(os.environ, VLMK_CPU_NO_AVX512="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_empty_sizes():

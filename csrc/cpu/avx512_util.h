@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -43,12 +44,14 @@ namespace avx512 {
 
 #if VLMK_HAVE_AVX512_UTIL
 
-// Whether this CPU runs the functions below.
+// Whether this CPU runs the functions below. VLMK_CPU_NO_AVX512=1 in the environment (read once)
+// says no, so that tests can run the callers' portable loops on an AVX-512 machine.
 inline bool supported() {
   static const bool value =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+      std::getenv("VLMK_CPU_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("fma");
   return value;
 }
 

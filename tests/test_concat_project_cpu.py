@@ -56,8 +56,16 @@ def test_transposed_tile_edges(dtype, rows):
     """Fewer rows than outputs: the 16-bit forward packs the rows (out^T = W X^T). 600 rows: three
     row blocks of 200 (B padded to 208); 1000 outputs: 15 full 64-feature blocks and a partial one;
     odd and even widths (odd: the last column as a float32 rank-1 update); a 601-wide source takes
-    three brgemm K steps (256, 256, 88)."""
+    three brgemm K steps (224, 224, 152)."""
     check(*make_inputs((rows,), (7, 24, 41, 64, 601), 1000, dtype))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_k_steps(dtype):
+    """As many rows as outputs or more: the 16-bit forward cuts each source's width into equal
+    brgemm K steps of at most 640 accumulating in its float32 tile; 1301 wide: three steps (448,
+    448, 404) and the odd last column; 700 wide: two of 352 (the last one 348); 640 wide: one."""
+    check(*make_inputs((300,), (1301, 700, 640, 24), 200, dtype))
 
 
 def test_streamed_output():

@@ -345,16 +345,31 @@ void store_transposed(const float* tile, int64_t ld_tile, int64_t n, int64_t m, 
 // output features per task. The task packs the panel's weight once, for every source, as brgemm B
 // operands [D_l, kPanel] in VNNI layout (pairs along D_l: word (i, n) = W[n0 + n, c_l + 2i ..
 // 2i+1], a transpose of 32-bit words). Then, per kSuperRows rows, source after source, brgemm calls
-// of kBlockRows rows accumulate into a float32 [kSuperRows, kPanel] tile (one source's packed B,
-// 640 KiB at D_l = 1280, stays in L2 across the rows); an odd width's last column is a float32
-// rank-1 update. The tile takes the bias and is rounded once into the output. Tasks split the rows
-// too when there are fewer panels than threads (each packs its panel then).
-// Measured at the mllama-projector shape (bf16, 2 threads, medians of 4): panel x block x super
-// rows 256 x 32 x 1024: 353 ms (cat + linear 343 ms); 128 x 32 x 1024: 361; 256 x 32 x 256: 535; 64
-// x 32 with no super block (B from L2, A re-read per 64 features): 467; 128 x 64 likewise: 456.
+// of kBlockRows rows and K steps of at most kMaxKStep accumulate into a float32 [kSuperRows,
+// kPanel] tile (one source's packed B, 640 KiB at D_l = 1280, stays in L2 across the rows); an odd
+// width's last column is a float32 rank-1 update. The tile takes the bias and is rounded once into
+// the output. Tasks split the rows too when there are fewer panels than threads (each packs its
+// panel then). Measured at the mllama-projector shape (bf16, 2 threads, medians of 4, whole-width K
+// per call on a slower day): panel x block x super rows 256 x 32 x 1024: 353 ms (cat + linear 343
+// ms); 128 x 32 x 1024: 361; 256 x 32 x 256: 535; 64 x 32 with no super block (B from L2, A re-read
+// per 64 features): 467; 128 x 64 likewise: 456. With K steps (kMaxKStep), 64 rows x 320 measured
+// 25% slower than 32 x 640, 48 x 448 10% slower.
 constexpr int64_t kPanel = 256;       // output features per task (packed: 3.75 MiB at K = 7680)
 constexpr int64_t kBlockRows = 32;    // rows per brgemm call
 constexpr int64_t kSuperRows = 1024;  // rows of the float32 tile: 1 MiB, a source's B in L2 over it
+// K per brgemm call at most: a source's width is cut into equal steps of a multiple of 32 (AMX
+// takes K 32 bfloat16 at a time) no longer than this, so that a call's A block, kBlockRows x 640
+// bfloat16 = 40 KiB, stays in L1 while the call sweeps the panel's features. mllama-projector bf16,
+// 2 threads, interleaved medians: whole 1280-wide sources 184 ms, steps of 640 152-155 ms, of 320
+// 156, of 256 159; uneven steps lose (576 + 576 + 128: 161, 384 x 3 + 128: 169).
+constexpr int64_t kMaxKStep = 640;
+
+// The K step for a width (even, > 0): the fewest equal steps of at most max_step, each rounded up
+// to a multiple of 32.
+int64_t k_step_of(int64_t width, int64_t max_step) {
+  const int64_t steps = (width + max_step - 1) / max_step;
+  return ((width + steps - 1) / steps + 31) / 32 * 32;
+}
 
 template <typename T>
 void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t ldw, const T* bias,
@@ -392,12 +407,16 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
         const uint32_t* b = packed;
         for (const auto& src : sources) {
           const int64_t even = src.width / 2 * 2;
+          const int64_t k_step = even > 0 ? k_step_of(even, kMaxKStep) : 0;
           for (int64_t r0 = 0; even > 0 && r0 < rows_here; r0 += kBlockRows) {
-            at::native::cpublas::brgemm(std::min(kBlockRows, rows_here - r0), n, even,
-                                        src.row_stride, kPanel, kPanel, accumulate,
-                                        src.data + (s0 + r0) * src.row_stride,
-                                        reinterpret_cast<const T*>(b), tile + r0 * kPanel,
-                                        /*is_vnni=*/true);
+            for (int64_t p = 0; p < even; p += k_step) {
+              at::native::cpublas::brgemm(std::min(kBlockRows, rows_here - r0), n,
+                                          std::min(k_step, even - p), src.row_stride, kPanel,
+                                          kPanel, accumulate || p > 0,
+                                          src.data + (s0 + r0) * src.row_stride + p,
+                                          reinterpret_cast<const T*>(b + p / 2 * kPanel),
+                                          tile + r0 * kPanel, /*is_vnni=*/true);
+            }
           }
           accumulate = accumulate || even > 0;
           b += even / 2 * kPanel;
@@ -437,9 +456,9 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
 // are fewer row blocks than 2 x threads (each task then packs its rows: X is the small operand).
 constexpr int64_t kTransposedRows = 256;  // rows per task: B columns, and the tile's row length
 constexpr int64_t kFeatureBlock = 64;     // output features per brgemm call (A rows)
-// K per brgemm call. llava-2layer bf16, one thread, 3 alternating runs: 11.5-11.7 ms with each
-// source's whole K per call, 10.4-10.8 ms with 256 (512: 11.1, 128: 11.7). The untransposed path
-// (mllama) measured slower with K steps (256: 253-259 ms against 229-234), so it keeps whole K.
+// K per brgemm call at most (equal steps, k_step_of). llava-2layer bf16, one thread, 3 alternating
+// runs: 11.5-11.7 ms with each source's whole K per call, 10.4-10.8 ms with 256 (512: 11.1, 128:
+// 11.7); at 2 threads 256, 320 and 512 measured alike, 128 10% slower.
 constexpr int64_t kTransposedKStep = 256;
 
 template <typename T>
@@ -483,10 +502,11 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
         for (const auto& src : sources) {
           const int64_t even = src.width / 2 * 2;
           if (even > 0) {
-            // K in steps of kTransposedKStep: the A block (W rows) of a step stays in L1 and the B
-            // block in L2 across the brgemm's inner blocks.
-            for (int64_t p = 0; p < even; p += kTransposedKStep) {
-              at::native::cpublas::brgemm(n, m, std::min(kTransposedKStep, even - p), ldw, ldp, ldp,
+            // K in equal steps of at most kTransposedKStep: the A block (W rows) of a step stays
+            // in L1 and the B block in L2 across the brgemm's inner blocks.
+            const int64_t k_step = k_step_of(even, kTransposedKStep);
+            for (int64_t p = 0; p < even; p += k_step) {
+              at::native::cpublas::brgemm(n, m, std::min(k_step, even - p), ldw, ldp, ldp,
                                           accumulate, w + n0 * ldw + src.column + p,
                                           reinterpret_cast<const T*>(b + p / 2 * ldp), tile,
                                           /*is_vnni=*/true);

@@ -63,9 +63,17 @@ def test_transposed_tile_edges(dtype, rows):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_k_steps(dtype):
     """As many rows as outputs or more: the 16-bit forward cuts each source's width into equal
-    brgemm K steps of at most 640 accumulating in its float32 tile; 1301 wide: three steps (448,
-    448, 404) and the odd last column; 700 wide: two of 352 (the last one 348); 640 wide: one."""
-    check(*make_inputs((300,), (1301, 700, 640, 24), 200, dtype))
+    chunks of at most 2048 and those into equal brgemm K steps of at most 640, accumulating in its
+    float32 tile. 4101 wide: chunks of 1376, 1376 and 1348 (steps of 480, 480, 416 and 480, 480,
+    388) and the odd last column; 1301: one chunk, steps of 448, 448, 404; 700: 352, 348; 640: one
+    step."""
+    check(*make_inputs((300,), (4101, 1301, 700, 640, 24), 200, dtype))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_more_rows_than_transposed_takes(dtype):
+    """Fewer rows than outputs but more than 640: the untransposed path (it packs W, not the rows)."""
+    check(*make_inputs((700,), (96, 33), 1000, dtype))
 
 
 def test_streamed_output():

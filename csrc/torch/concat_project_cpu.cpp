@@ -3,19 +3,21 @@
 // stride per source, the weight's row stride for a column block). With X_l [M, D_l] and
 // c_l = D_0 + ... + D_{l-1}:
 //
-//   out[M, N]              = sum_l X_l @ W[:, c_l : c_l + D_l]^T + bias
-//   dX_l[M, D_l]           = dY @ W[:, c_l : c_l + D_l]          (one GEMM per source, its own
-//   tensor) dW[:, c_l : c_l + D_l] = dY^T @ X_l                          (in place, into one [N, K]
-//   gradient) dbias                  = sum_m dY[m, :]                       (float32 accumulation)
+//   out[M, N]               = sum_l X_l @ W[:, c_l : c_l + D_l]^T + bias
+//   dX_l [M, D_l]           = dY @ W[:, c_l : c_l + D_l]   (one GEMM per source, its own tensor)
+//   dW[:, c_l : c_l + D_l]  = dY^T @ X_l                   (in place, into one [N, K] gradient)
+//   dbias                   = sum_m dY[m, :]               (float32 accumulation)
 //
-// Forward, float32: ATen addmm per source accumulating in place in the output (MKL). Forward,
+// Forward, float32 (and any dtype with a single source: a plain Linear): ATen addmm per source
+// accumulating in place in the output (MKL; oneDNN for 16-bit dtypes). Forward,
 // bfloat16 / float16: oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AMX tiles where the CPU
 // has them) accumulating in a small float32 tile per thread, rounded once (forward_brgemm); where
-// the CPU has no brgemm for the dtype, the addmm path in that dtype. With fewer rows than output
-// features the 16-bit forward runs transposed (forward_brgemm_transposed) and packs the rows, not
-// W. Backward: ATen mm_out on views (MKL / oneDNN, float32 accumulation), so each gradient is
-// rounded once. The forward allocates the output; the 16-bit paths also use, per thread, one
-// packed operand block and one float32 tile, kept across calls (cpu/thread_scratch.h).
+// the CPU has no brgemm for the dtype, the addmm path in that dtype. With few rows (fewer than the
+// output features and at most kTransposedMaxRows) the 16-bit forward runs transposed
+// (forward_brgemm_transposed) and packs the rows, not W. Backward: ATen mm_out on views (MKL /
+// oneDNN, float32 accumulation), so each gradient is rounded once. The forward allocates the
+// output; the 16-bit paths also use, per thread, one packed operand block and one float32 tile,
+// kept across calls (cpu/thread_scratch.h).
 #include "torch/concat_project_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -344,8 +346,9 @@ void store_transposed(const float* tile, int64_t ld_tile, int64_t n, int64_t m, 
 // bfloat16 / float16: float32 accumulation through oneDNN's brgemm ukernel, one panel of kPanel
 // output features per task. The task packs the panel's weight once, for every source, as brgemm B
 // operands [D_l, kPanel] in VNNI layout (pairs along D_l: word (i, n) = W[n0 + n, c_l + 2i ..
-// 2i+1], a transpose of 32-bit words). Then, per kSuperRows rows, source after source, brgemm calls
-// of kBlockRows rows and K steps of at most kMaxKStep accumulate into a float32 [kSuperRows,
+// 2i+1], a transpose of 32-bit words). Then, per kSuperRows rows, source after source (chunk after
+// chunk of a wide one), brgemm calls of kBlockRows rows and K steps of at most kMaxKStep accumulate
+// into a float32 [kSuperRows,
 // kPanel] tile (one source's packed B, 640 KiB at D_l = 1280, stays in L2 across the rows); an odd
 // width's last column is a float32 rank-1 update. The tile takes the bias and is rounded once into
 // the output. Tasks split the rows too when there are fewer panels than threads (each packs its
@@ -363,6 +366,12 @@ constexpr int64_t kSuperRows = 1024;  // rows of the float32 tile: 1 MiB, a sour
 // 2 threads, interleaved medians: whole 1280-wide sources 184 ms, steps of 640 152-155 ms, of 320
 // 156, of 256 159; uneven steps lose (576 + 576 + 128: 161, 384 x 3 + 128: 169).
 constexpr int64_t kMaxKStep = 640;
+// A source wider than this is taken in equal chunks of at most this many columns, each chunk over
+// all the rows before the next: one chunk's packed B (2048 x 256 bfloat16 = 1 MiB) stays in L2 next
+// to the 1 MiB tile, where a whole 4096-wide source's (2 MiB) did not. One 4096-wide source, 1024
+// rows -> 4096 features, bf16, 2 threads: 24.6 ms whole, 15.9 ms in chunks of 2048 (1024: 15.5,
+// 1536: 15.6); sources of 1280 and 2048 are one chunk either way.
+constexpr int64_t kMaxKChunk = 2048;
 
 // The K step for a width (even, > 0): the fewest equal steps of at most max_step, each rounded up
 // to a multiple of 32.
@@ -407,15 +416,19 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
         const uint32_t* b = packed;
         for (const auto& src : sources) {
           const int64_t even = src.width / 2 * 2;
-          const int64_t k_step = even > 0 ? k_step_of(even, kMaxKStep) : 0;
-          for (int64_t r0 = 0; even > 0 && r0 < rows_here; r0 += kBlockRows) {
-            for (int64_t p = 0; p < even; p += k_step) {
-              at::native::cpublas::brgemm(std::min(kBlockRows, rows_here - r0), n,
-                                          std::min(k_step, even - p), src.row_stride, kPanel,
-                                          kPanel, accumulate || p > 0,
-                                          src.data + (s0 + r0) * src.row_stride + p,
-                                          reinterpret_cast<const T*>(b + p / 2 * kPanel),
-                                          tile + r0 * kPanel, /*is_vnni=*/true);
+          const int64_t chunk = even > 0 ? k_step_of(even, kMaxKChunk) : 0;
+          for (int64_t c0 = 0; c0 < even; c0 += chunk) {
+            const int64_t chunk_here = std::min(chunk, even - c0);
+            const int64_t k_step = k_step_of(chunk_here, kMaxKStep);
+            for (int64_t r0 = 0; r0 < rows_here; r0 += kBlockRows) {
+              for (int64_t p = c0; p < c0 + chunk_here; p += k_step) {
+                at::native::cpublas::brgemm(std::min(kBlockRows, rows_here - r0), n,
+                                            std::min(k_step, c0 + chunk_here - p), src.row_stride,
+                                            kPanel, kPanel, accumulate || p > 0,
+                                            src.data + (s0 + r0) * src.row_stride + p,
+                                            reinterpret_cast<const T*>(b + p / 2 * kPanel),
+                                            tile + r0 * kPanel, /*is_vnni=*/true);
+              }
             }
           }
           accumulate = accumulate || even > 0;
@@ -444,18 +457,25 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
   });
 }
 
-// bfloat16 / float16 when the rows are fewer than the output features (a LLaVA connector over 576
-// tokens, a decode step): the same products transposed, out^T [N, M] = sum_l W_l [N, D_l] @ X_l^T,
-// so that the operand packed per call is the smaller one, X (rows x K words) instead of W (N x K).
-// W's rows are brgemm's A operand, read where they lie (row stride ldw, no packing); each task
-// packs its block of rows of every source as VNNI B operands [D_l / 2, rows] (word (i, m) = X_l[m0
+// bfloat16 / float16 when the rows are few: fewer than the output features and at most
+// kTransposedMaxRows (a LLaVA connector over 576 tokens, a decode step): the same products
+// transposed, out^T [N, M] = sum_l W_l [N, D_l] @ X_l^T, so that the operand packed per call is the
+// smaller one, X (rows x K words) instead of W (N x K). W's rows are brgemm's A operand, read where
+// they lie (row stride ldw, no packing); each task packs its block of rows of every source as VNNI
+// B operands [D_l / 2, rows] (word (i, m) = X_l[m0
 // + m, 2i .. 2i+1]) once, then walks its output features kFeatureBlock at a time: brgemm calls
 // accumulate a float32 [kFeatureBlock, rows] tile over the sources (an odd width's last column as a
 // float32 rank-1 update), and the epilogue adds the bias and writes the tile transposed, rounded
 // once. Tasks: row blocks of at most kTransposedRows, times groups of output features when there
 // are fewer row blocks than 2 x threads (each task then packs its rows: X is the small operand).
 constexpr int64_t kTransposedRows = 256;  // rows per task: B columns, and the tile's row length
-constexpr int64_t kFeatureBlock = 64;     // output features per brgemm call (A rows)
+// The transposed path runs for fewer rows than output features, up to this many. Beyond it the
+// untransposed path's one pass of packing W is paid off and its kernel is faster (bf16, 2 threads,
+// 2 sources of 1024 -> 4096 features, transposed / untransposed ms: 128 rows 1.10 / 1.58, 576
+// rows 3.82 / 4.12, 768 rows 5.75 / 5.24, 1024 rows 7.30 / 6.58, 2048 rows 25.0 / 18.4; -> 2048
+// features at 576 rows 2.02 / 2.13; 300 rows -> 1024 features 0.77 / 0.74).
+constexpr int64_t kTransposedMaxRows = 640;
+constexpr int64_t kFeatureBlock = 64;  // output features per brgemm call (A rows)
 // K per brgemm call at most (equal steps, k_step_of). llava-2layer bf16, one thread, 3 alternating
 // runs: 11.5-11.7 ms with each source's whole K per call, 10.4-10.8 ms with 256 (512: 11.1, 128:
 // 11.7); at 2 threads 256, 320 and 512 measured alike, 128 10% slower.
@@ -535,10 +555,11 @@ void forward_brgemm_transposed(const std::vector<Source<T>>& sources, const T* w
   });
 }
 
-// float32 (and a 16-bit dtype on a CPU without its brgemm): one addmm per source into the output,
-// in place (beta = 1) after the first: MKL reads each source and the weight's column block where
-// they lie. float32 accumulates exactly as one GEMM would; 16-bit outputs are rounded after each
-// source (oneDNN accumulates each product in float32).
+// float32, a single source of columns, and a 16-bit dtype on a CPU without its brgemm: one addmm
+// per source into the output, in place (beta = 1) after the first: MKL (oneDNN for 16-bit dtypes)
+// reads each source and the weight's column block where they lie. float32 accumulates exactly as
+// one GEMM would; 16-bit outputs of several sources are rounded after each source (oneDNN
+// accumulates each product in float32).
 void forward_addmm(const std::vector<at::Tensor>& flat, const at::Tensor& weight,
                    const at::Tensor& bias, at::Tensor& out) {
   bool first = true;
@@ -599,15 +620,21 @@ at::Tensor concat_project_fwd_cpu(const std::vector<at::Tensor>& features, const
   const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const int64_t ldw = std::max<int64_t>(w.stride(0), 1);
   const at::ScalarType type = weight.scalar_type();
-  if (type == at::kFloat || !brgemm_supported(type)) {
+  // With one source of columns (the others empty) there is no concat to save: the op is a Linear,
+  // and ATen's GEMM is the peer itself (bf16, 2 threads, ours / F.linear ms: 4096 rows x 1024 ->
+  // 1024: 3.10 / 2.55; 1024 x 4096 -> 4096: 16.4 / 13.5; 128 x 2048 -> 4096: 1.19 / 1.10).
+  const int64_t sources_with_columns =
+      std::count_if(flat.begin(), flat.end(), [](const at::Tensor& x) { return x.size(1) > 0; });
+  if (type == at::kFloat || !brgemm_supported(type) || sources_with_columns == 1) {
     forward_addmm(flat, w, b, out);
     return out.view(shape);
   }
   dispatch_dtype(type, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      // Pack the smaller operand: the rows when there are fewer of them than output features.
-      const auto forward = rows < cols ? forward_brgemm_transposed<T> : forward_brgemm<T>;
+      // Pack the smaller operand: the rows when there are few of them (see kTransposedMaxRows).
+      const auto forward = rows < cols && rows <= kTransposedMaxRows ? forward_brgemm_transposed<T>
+                                                                     : forward_brgemm<T>;
       forward(sources_of<T>(flat), w.const_data_ptr<T>(), ldw,
               b.defined() ? b.const_data_ptr<T>() : nullptr, rows, cols, out.mutable_data_ptr<T>());
     }

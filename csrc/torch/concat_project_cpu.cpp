@@ -348,15 +348,15 @@ void store_transposed(const float* tile, int64_t ld_tile, int64_t n, int64_t m, 
 // operands [D_l, kPanel] in VNNI layout (pairs along D_l: word (i, n) = W[n0 + n, c_l + 2i ..
 // 2i+1], a transpose of 32-bit words). Then, per kSuperRows rows, source after source (chunk after
 // chunk of a wide one), brgemm calls of kBlockRows rows and K steps of at most kMaxKStep accumulate
-// into a float32 [kSuperRows,
-// kPanel] tile (one source's packed B, 640 KiB at D_l = 1280, stays in L2 across the rows); an odd
-// width's last column is a float32 rank-1 update. The tile takes the bias and is rounded once into
-// the output. Tasks split the rows too when there are fewer panels than threads (each packs its
-// panel then). Measured at the mllama-projector shape (bf16, 2 threads, medians of 4, whole-width K
-// per call on a slower day): panel x block x super rows 256 x 32 x 1024: 353 ms (cat + linear 343
-// ms); 128 x 32 x 1024: 361; 256 x 32 x 256: 535; 64 x 32 with no super block (B from L2, A re-read
-// per 64 features): 467; 128 x 64 likewise: 456. With K steps (kMaxKStep), 64 rows x 320 measured
-// 25% slower than 32 x 640, 48 x 448 10% slower.
+// into a float32 [kSuperRows, kPanel] tile (one source's packed B, 640 KiB at D_l = 1280, stays in
+// L2 across the rows); an odd width's last column is a float32 rank-1 update. The tile takes the
+// bias and is rounded once into the output. Tasks split the rows too when there are fewer panels
+// than threads (each packs its panel then).
+// Measured at the mllama-projector shape (bf16, 2 threads, medians of 4, whole-width K per call, on
+// a slower day): panel x block x super rows 256 x 32 x 1024: 353 ms (cat + linear 343 ms); 128 x 32
+// x 1024: 361; 256 x 32 x 256: 535; 64 x 32 with no super block (B from L2, A re-read per 64
+// features): 467; 128 x 64 likewise: 456. With K steps (kMaxKStep), 64 rows x 320 measured 25%
+// slower than 32 x 640, 48 x 448 10% slower.
 constexpr int64_t kPanel = 256;       // output features per task (packed: 3.75 MiB at K = 7680)
 constexpr int64_t kBlockRows = 32;    // rows per brgemm call
 constexpr int64_t kSuperRows = 1024;  // rows of the float32 tile: 1 MiB, a source's B in L2 over it
@@ -462,12 +462,12 @@ void forward_brgemm(const std::vector<Source<T>>& sources, const T* w, int64_t l
 // transposed, out^T [N, M] = sum_l W_l [N, D_l] @ X_l^T, so that the operand packed per call is the
 // smaller one, X (rows x K words) instead of W (N x K). W's rows are brgemm's A operand, read where
 // they lie (row stride ldw, no packing); each task packs its block of rows of every source as VNNI
-// B operands [D_l / 2, rows] (word (i, m) = X_l[m0
-// + m, 2i .. 2i+1]) once, then walks its output features kFeatureBlock at a time: brgemm calls
-// accumulate a float32 [kFeatureBlock, rows] tile over the sources (an odd width's last column as a
-// float32 rank-1 update), and the epilogue adds the bias and writes the tile transposed, rounded
-// once. Tasks: row blocks of at most kTransposedRows, times groups of output features when there
-// are fewer row blocks than 2 x threads (each task then packs its rows: X is the small operand).
+// B operands [D_l / 2, rows] (word (i, m) = X_l[m0 + m, 2i .. 2i+1]) once, then walks its output
+// features kFeatureBlock at a time: brgemm calls accumulate a float32 [kFeatureBlock, rows] tile
+// over the sources (an odd width's last column as a float32 rank-1 update), and the epilogue adds
+// the bias and writes the tile transposed, rounded once. Tasks: row blocks of at most
+// kTransposedRows, times groups of output features when there are fewer row blocks than 2 x threads
+// (each task then packs its rows: X is the small operand).
 constexpr int64_t kTransposedRows = 256;  // rows per task: B columns, and the tile's row length
 // The transposed path runs for fewer rows than output features, up to this many. Beyond it the
 // untransposed path's one pass of packing W is paid off and its kernel is faster (bf16, 2 threads,

@@ -117,16 +117,22 @@ def policy_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def assert_within_policy(
-    name: str, ours: torch.Tensor, lowp: torch.Tensor, ref: torch.Tensor, dtype
+    name: str,
+    ours: torch.Tensor,
+    lowp: torch.Tensor,
+    ref: torch.Tensor,
+    dtype,
+    extra_floor: float = 0.0,
 ):
     """ours and lowp (torch's same computation in ``dtype``) against ref (float64), DESIGN §6:
-    max error <= 2 * torch's max error + floor, and the same for the RMS error (a small systematic
-    error, e.g. a wrong softmax scale, hides under the max of rounding noise but not under its RMS)."""
+    max error <= 2 * torch's max error + floor (+ ``extra_floor``), and the same for the RMS error (a
+    small systematic error, e.g. a wrong softmax scale, hides under the max of rounding noise but not
+    under its RMS)."""
     assert not torch.isnan(ours).any(), f"{name}: NaN in output"
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     ref = ref.double()
     err, err_lowp = _max_err(ours, ref), _max_err(lowp, ref)
-    floor = policy_floor(ref, dtype)
+    floor = policy_floor(ref, dtype) + extra_floor
     assert err <= 2 * err_lowp + floor, (
         f"{name}: max error {err:.3e} > 2 * {err_lowp:.3e} (torch {dtype}) + floor {floor:.1e}"
     )
@@ -165,8 +171,17 @@ def check_against_reference(
     grads = backward(grad_out, case.q, case.k, case.v, case.media_mask, out, lse, *args[1:])
     ref_grads = torch.autograd.grad(ref_out, leaves64, grad_out.double())
     lowp_grads = torch.autograd.grad(lowp_out, leaves_lowp, grad_out)
+    # Loosened for large logits: the kernels' backward recomputes P = exp(s - lse) from the float32
+    # lse the forward saved, where torch's autograd keeps the forward's probabilities. s and lse are
+    # rounded to float32 at their magnitude, so every P carries a relative error of about
+    # eps_fp32 * |lse| (139 at logit_scale 30: 1.7e-5, with the exact lse rounded to float32 too),
+    # which no kernel of this design avoids and torch's yardstick does not have. Negligible for
+    # ordinary logits (|lse| ~ 5).
+    largest_lse = ref_lse[finite].abs().max().item() if finite.any() else 0.0
+    relative = torch.finfo(torch.float32).eps * largest_lse
     for name, ours, lowp, ref in zip(("dq", "dk", "dv"), grads, lowp_grads, ref_grads, strict=True):
-        assert_within_policy(name, ours, lowp, ref, dtype)
+        recompute_floor = relative * (ref.abs().max().item() if ref.numel() else 0.0)
+        assert_within_policy(name, ours, lowp, ref, dtype, extra_floor=recompute_floor)
 
 
 def _lowp_attention(q, k, v, media_mask, *, media_len, scale, empty_rows):

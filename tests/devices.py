@@ -39,13 +39,18 @@ cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs VLMK_TEST_DEVICE=cuda 
 
 
 def backends_for(op: str, *, include_reference: bool = True) -> list[str]:
-    """The backends with a kernel for ``op`` that are available here and run TEST_DEVICE tensors."""
+    """The backends with a kernel for ``op`` that are available here, can run on this machine (the
+    C++ CPU kernels need AVX-512) and run TEST_DEVICE tensors."""
     import vlm_kernels as vk
     from vlm_kernels.ops._registry import TABLES
 
     available = vk.available_backends()
+    table = TABLES[op]
     return [
         b
         for b in DEVICE_BACKENDS
-        if available[b] and b in TABLES[op].forward and (include_reference or b != "reference")
+        if available[b]
+        and b in table.forward
+        and table.usable.get(b, lambda: True)()
+        and (include_reference or b != "reference")
     ]

@@ -110,6 +110,22 @@ def test_portable_loops_without_avx512():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_float32_products_where_aten_has_no_16bit_gemm(dtype):
+    """With oneDNN switched off (as on a CPU where ATen's 16-bit GEMM is a scalar loop, e.g. an
+    AVX2-only EPYC) the 16-bit forward converts to float32: 600 rows in three blocks of 200, 1100
+    outputs in panels of 512, 512 and 76, sources of odd widths. The sum is rounded once: every
+    output is within half an ulp (plus float32 noise) of the float32 product rounded, where
+    rounding after each source drifts further; the backward runs on float32 copies."""
+    features, weight, bias = make_inputs((600,), (7, 24, 41, 64, 601), 1100, dtype)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check(features, weight, bias)
+        out = _C.concat_project_fwd_cpu(features, weight, bias)
+    exact = torch.cat([f.double() for f in features], -1) @ weight.double().t() + bias.double()
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.double() - exact).abs() <= 0.5 * ulp + 1e-5 * exact.abs().max()).all()
+
+
 def test_empty_sizes():
     for lead, widths, dim in (((0,), (8, 4), 16), ((5,), (8, 4), 0), ((5,), (8, 0, 4), 16)):
         check(*make_inputs(lead, widths, dim, F32))

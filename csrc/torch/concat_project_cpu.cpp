@@ -12,15 +12,19 @@
 // accumulating in place in the output (MKL; oneDNN for 16-bit dtypes). Forward,
 // bfloat16 / float16: oneDNN's brgemm ukernel (at::native::cpublas::brgemm, AMX tiles where the CPU
 // has them) accumulating in a small float32 tile per thread, rounded once (forward_brgemm); where
-// the CPU has no brgemm for the dtype, the addmm path in that dtype. With few rows (fewer than the
-// output features and at most kTransposedMaxRows) the 16-bit forward runs transposed
+// the CPU has no brgemm for the dtype, the addmm path in that dtype when ATen runs it through
+// oneDNN, else float32 GEMMs on converted row blocks (forward_converted). With few rows (fewer than
+// the output features and at most kTransposedMaxRows) the 16-bit forward runs transposed
 // (forward_brgemm_transposed) and packs the rows, not W. Backward: ATen mm_out on views (MKL /
 // oneDNN, float32 accumulation), so each gradient is rounded once. The forward allocates the
 // output; the 16-bit paths also use, per thread, one packed operand block and one float32 tile,
-// kept across calls (cpu/thread_scratch.h).
+// kept across calls (cpu/thread_scratch.h). Where ATen has no fast 16-bit GEMM, the backward runs
+// on float32 copies.
 #include "torch/concat_project_cpu.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -582,6 +586,66 @@ void forward_addmm(const std::vector<at::Tensor>& flat, const at::Tensor& weight
   if (first) bias.defined() ? out.copy_(bias.unsqueeze(0).expand_as(out)) : out.zero_();
 }
 
+// Whether ATen's CPU GEMM runs this 16-bit dtype through oneDNN: the check ATen's matmul makes
+// (mkldnn::_is_mkldnn_bf16_supported / _fp16_supported, and oneDNN switched on). Where it does not
+// (x86 without AVX-512 or AVX-NE-CONVERT, e.g. a Zen 3 EPYC), ATen's 16-bit GEMM is a scalar loop:
+// 1 GFLOP/s there against ~140 for float32 at 2 threads.
+bool aten_gemm_runs_16bit(at::ScalarType type) {
+  const auto ask = [](const char* name) {
+    const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+    return op.has_value() && op->typed<bool()>().call();
+  };
+  static const bool bf16 = ask("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool f16 = ask("mkldnn::_is_mkldnn_fp16_supported");
+  return at::globalContext().userEnabledMkldnn() && (type == at::kBFloat16 ? bf16 : f16);
+}
+
+// bfloat16 / float16 where neither oneDNN's brgemm nor ATen's GEMM runs the dtype (see
+// aten_gemm_runs_16bit): the products run in float32 on converted blocks. Per panel of
+// kConvertedPanel output features the weight's panel is converted once ([n, K] float32); then per
+// block of at most kConvertedRows rows, every source's rows are converted into their columns of
+// one [rows, K] float32 block (the concat exists for these rows only, in scratch), one float32
+// GEMM takes the whole K (MKL), and the bias is added and the sum rounded once into the output.
+// Scratch: the calling thread's (cpu/thread_scratch.h); ATen's copy, GEMM and add run threaded.
+constexpr int64_t kConvertedPanel = 512;
+constexpr int64_t kConvertedRows = 256;
+
+void forward_converted(const std::vector<at::Tensor>& flat, const at::Tensor& weight,
+                       const at::Tensor& bias, at::Tensor& out) {
+  const int64_t rows = out.size(0), cols = out.size(1), total = weight.size(1);
+  const int64_t panel = std::min(kConvertedPanel, cols);
+  const int64_t row_blocks = (rows + kConvertedRows - 1) / kConvertedRows;
+  const int64_t block = (rows + row_blocks - 1) / row_blocks;
+  float* const w_panel = cpu::thread_scratch<float>(cpu::ScratchSlot::kA, panel * total);
+  float* const x_block = cpu::thread_scratch<float>(cpu::ScratchSlot::kB, block * total);
+  float* const acc = cpu::thread_scratch<float>(cpu::ScratchSlot::kC, block * panel);
+  const auto as_float = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+  for (int64_t n0 = 0; n0 < cols; n0 += panel) {
+    const int64_t n = std::min(panel, cols - n0);
+    const at::Tensor w_n = at::from_blob(w_panel, {n, total}, as_float);
+    w_n.copy_(weight.narrow(0, n0, n));
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t m = std::min(block, rows - r0);
+      const at::Tensor x_m = at::from_blob(x_block, {m, total}, as_float);
+      int64_t column = 0;
+      for (const at::Tensor& x : flat) {
+        const int64_t width = x.size(1);
+        if (width > 0) x_m.narrow(1, column, width).copy_(x.narrow(0, r0, m));
+        column += width;
+      }
+      at::Tensor c = at::from_blob(acc, {m, n}, as_float);
+      at::mm_out(c, x_m, w_n.t());
+      at::Tensor dst = out.narrow(0, r0, m).narrow(1, n0, n);
+      if (bias_f.defined()) {
+        at::add_out(dst, c, bias_f.narrow(0, n0, n));
+      } else {
+        dst.copy_(c);
+      }
+    }
+  }
+}
+
 // Calls f(T{}) for the weight's dtype T (float, BFloat16 or Half).
 template <typename F>
 void dispatch_dtype(at::ScalarType type, F&& f) {
@@ -625,6 +689,10 @@ at::Tensor concat_project_fwd_cpu(const std::vector<at::Tensor>& features, const
   // 1024: 3.10 / 2.55; 1024 x 4096 -> 4096: 16.4 / 13.5; 128 x 2048 -> 4096: 1.19 / 1.10).
   const int64_t sources_with_columns =
       std::count_if(flat.begin(), flat.end(), [](const at::Tensor& x) { return x.size(1) > 0; });
+  if (type != at::kFloat && !brgemm_supported(type) && !aten_gemm_runs_16bit(type)) {
+    forward_converted(flat, w, b, out);
+    return out.view(shape);
+  }
   if (type == at::kFloat || !brgemm_supported(type) || sources_with_columns == 1) {
     forward_addmm(flat, w, b, out);
     return out.view(shape);
@@ -672,6 +740,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_project_bwd_c
   // sum(dtype=float32), which first copies dY to float32.
   at::Tensor grad_bias = grad.sum(0);
 
+  if (grad.scalar_type() != at::kFloat && !aten_gemm_runs_16bit(grad.scalar_type())) {
+    // No fast 16-bit GEMM on this CPU (see aten_gemm_runs_16bit): float32 copies of dY and W,
+    // float32 products, each gradient rounded once.
+    const at::Tensor grad_f = grad.to(at::kFloat), w_f = w.to(at::kFloat);
+    int64_t column = 0;
+    for (size_t l = 0; l < flat.size(); ++l) {
+      const int64_t width = flat[l].size(1);
+      if (width > 0) {
+        grad_features[l].view({rows, width}).copy_(at::mm(grad_f, w_f.narrow(1, column, width)));
+        grad_weight.narrow(1, column, width).copy_(at::mm(grad_f.t(), flat[l].to(at::kFloat)));
+      }
+      column += width;
+    }
+    return {grad_features, grad_weight, grad_bias};
+  }
   int64_t column = 0;
   for (size_t l = 0; l < flat.size(); ++l) {
     const int64_t width = flat[l].size(1);

@@ -41,10 +41,11 @@
 #include "cpu/avx512_util.h"
 #include "cpu/thread_scratch.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(VLMK_PE_PORTABLE)
 // The extension is built for baseline x86-64; this file's kernels are built for AVX-512 and run
-// only where patch_embed_cpu_supported() says so. Every header is included above, so only this
-// file's own functions are compiled for AVX-512.
+// only where cpu::avx512::supported() says so (elsewhere the glue runs the same source built again
+// with its portable loops: cpu/patch_embed_portable.cpp). Every header is included above, so only
+// this file's own functions are compiled for AVX-512.
 #include <immintrin.h>
 #define VLMK_PE_AVX512 1
 #pragma GCC push_options
@@ -853,8 +854,13 @@ struct Backward {
 
 }  // namespace
 
+#if defined(VLMK_PE_PORTABLE)
+void patch_embed_fwd_portable(const PatchEmbedFwdParams& params) { dispatch<Forward>(params); }
+void patch_embed_bwd_portable(const PatchEmbedBwdParams& params) { dispatch<Backward>(params); }
+#else
 void patch_embed_fwd(const PatchEmbedFwdParams& params) { dispatch<Forward>(params); }
 void patch_embed_bwd(const PatchEmbedBwdParams& params) { dispatch<Backward>(params); }
+#endif
 
 }  // namespace cpu
 }  // namespace vlmk

@@ -95,8 +95,12 @@ struct PatchEmbedBwdParams {
 namespace cpu {
 
 // Sizes may be empty (B, C, H, W or D = 0); P >= 1.
+// Built for AVX-512 (x86-64 with GCC; call only where cpu::avx512::supported()).
 void patch_embed_fwd(const PatchEmbedFwdParams& params);
 void patch_embed_bwd(const PatchEmbedBwdParams& params);
+// The same kernels built for the baseline ISA (cpu/patch_embed_portable.cpp): any CPU.
+void patch_embed_fwd_portable(const PatchEmbedFwdParams& params);
+void patch_embed_bwd_portable(const PatchEmbedBwdParams& params);
 
 }  // namespace cpu
 }  // namespace vlmk

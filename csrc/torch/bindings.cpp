@@ -62,7 +62,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cls_token"_a, "pos_embed"_a, "pixel_mean"_a, "pixel_std"_a);
   m.def("patch_embed_bwd_cpu", &vlmk::patch_embed_bwd_cpu, "grad_out"_a, "pixels"_a, "weight"_a,
         "pixel_mean"_a, "pixel_std"_a, "has_cls"_a, "need_pixels_grad"_a);
-  m.def("patch_embed_cpu_supported", &vlmk::patch_embed_cpu_supported);
+  m.def("patch_embed_cpu_avx512", &vlmk::patch_embed_cpu_avx512);
   m.def("perceiver_attention_fwd_cpu", &vlmk::perceiver_attention_fwd_cpu, "q"_a, "k_media"_a,
         "v_media"_a, "k_latents"_a, "v_latents"_a, "media_padding_mask"_a, "scale"_a);
   m.def("perceiver_attention_bwd_cpu", &vlmk::perceiver_attention_bwd_cpu, "grad_out"_a, "q"_a,

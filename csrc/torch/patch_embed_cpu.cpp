@@ -13,6 +13,7 @@
 #include <array>
 #include <utility>
 
+#include "cpu/avx512_util.h"
 #include "cpu/patch_embed.h"
 
 namespace vlmk {
@@ -137,11 +138,9 @@ void check_vector(const char* name, const std::optional<at::Tensor>& t, const at
 
 }  // namespace
 
-bool patch_embed_cpu_supported() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+bool patch_embed_cpu_avx512() {
+#if VLMK_HAVE_AVX512_UTIL
+  return cpu::avx512::supported();
 #else
   return false;
 #endif
@@ -159,10 +158,6 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& pixels, const at::Tensor& weigh
   check_vector("bias", bias, weight, {dim}, "[D]");
   check_vector("cls_token", cls_token, weight, {dim}, "[D]");
   check_vector("pos_embed", pos_embed, weight, {tokens, dim}, "[N, D]");
-  TORCH_CHECK(patch_embed_cpu_supported(),
-              "patch_embed (cpu): this CPU lacks AVX-512 (F, BW, VL, DQ) with FMA and F16C, which "
-              "the CPU kernels "
-              "are built for; use backend=\"reference\"");
   at::Tensor out = at::empty({batch, tokens, dim}, weight.options());
   if (out.numel() == 0) return out;
 
@@ -184,7 +179,7 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& pixels, const at::Tensor& weigh
   p.cls_token = cls_c.defined() ? cls_c.const_data_ptr() : nullptr;
   p.pos_embed = pos_c.defined() ? pos_c.const_data_ptr() : nullptr;
   p.out = out.data_ptr();
-  cpu::patch_embed_fwd(p);
+  patch_embed_cpu_avx512() ? cpu::patch_embed_fwd(p) : cpu::patch_embed_fwd_portable(p);
   return out;
 }
 
@@ -203,10 +198,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
               grad_out.sizes());
   TORCH_CHECK(!need_pixels_grad || pixels.scalar_type() != at::kByte,
               "patch_embed (cpu): uint8 pixels have no gradient (need_pixels_grad must be False)");
-  TORCH_CHECK(patch_embed_cpu_supported(),
-              "patch_embed (cpu): this CPU lacks AVX-512 (F, BW, VL, DQ) with FMA and F16C, which "
-              "the CPU kernels "
-              "are built for; use backend=\"reference\"");
 
   const at::ScalarType compute = compute_dtype(weight);
   const auto float_options = weight.options().dtype(at::kFloat);
@@ -235,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   p.grad_bias = grad_bias.data_ptr<float>();
   p.grad_pixels = need_pixels_grad ? grad_pixels.data_ptr() : nullptr;
   p.has_cls = has_cls;
-  cpu::patch_embed_bwd(p);
+  patch_embed_cpu_avx512() ? cpu::patch_embed_bwd(p) : cpu::patch_embed_bwd_portable(p);
 
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   grad_weight.view({dim, k_size}).copy_(grad_weight_t.t());

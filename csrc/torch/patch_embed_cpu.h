@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
     const std::optional<at::Tensor>& pixel_mean, const std::optional<at::Tensor>& pixel_std,
     bool has_cls, bool need_pixels_grad);
 
-// Whether this CPU runs the kernels (oneDNN's brgemm microkernels: AVX-512 on x86-64).
-bool patch_embed_cpu_supported();
+// Whether the kernels built for AVX-512 run here (else their portable build does: any CPU).
+bool patch_embed_cpu_avx512();
 
 }  // namespace vlmk

@@ -278,15 +278,8 @@ def _backward_cpu(grad_out, pixels, weight, pixel_mean, pixel_std, has_cls, need
     )
 
 
-def _cpu_supported() -> bool:
-    """The C++ kernels run oneDNN's brgemm on AVX-512 (checked at run time by the extension)."""
-    extension = _extension()[0]
-    return extension is not None and extension.patch_embed_cpu_supported()
-
-
 # CPU: implicit GEMM (patch gather + normalization fused into the packing of each block of patch
 # rows), bf16 operands with float32 accumulation for bf16 weights, float32 otherwise.
 TABLE.forward["cpu"] = _forward_cpu
 TABLE.backward["cpu"] = _backward_cpu
-TABLE.usable["cpu"] = _cpu_supported
 TABLE.dtypes["cpu"] = FLOAT_DTYPES

@@ -27,6 +27,8 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -78,6 +80,14 @@ constexpr int64_t kFloatKStep = 128;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Whether the GEMMs run as ATen mm calls over whole products (and the forward as one per block of
+// patch rows over the whole D) rather than brgemm calls: float32 in the portable build. Without
+// AVX-512, ATen's float32 brgemm is not oneDNN's microkernel but ATen's own fallback GEMM (29
+// GFLOP/s at 32 x 64 x 512 on one Zen 3 core), and its many small calls ran the clip-vit-l14-336
+// forward at 73% of torch.mm's GFLOP/s (Zen 3 EPYC, 2 threads) where ATen's mm (MKL) is ~100%.
+template <typename T>
+constexpr bool kBlockGemm = !VLMK_PE_AVX512 && std::is_same_v<T, float>;
+
 // Elements per 32-bit word of a brgemm B operand: bfloat16 B is in VNNI layout, pairs along K.
 template <typename T>
 constexpr int64_t kPair = std::is_same_v<T, float> ? 1 : 2;
@@ -121,6 +131,13 @@ void gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc
     if (!accumulate) {
       for (int64_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.f);
     }
+    return;
+  }
+  if constexpr (kBlockGemm<T>) {  // one ATen mm for the whole product (see kBlockGemm)
+    at::Tensor c_t = at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat);
+    const at::Tensor a_t = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, at::kFloat);
+    const at::Tensor b_t = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, at::kFloat);
+    accumulate ? c_t.addmm_(a_t, b_t) : at::mm_out(c_t, a_t, b_t);
     return;
   }
   for (int64_t m0 = 0; m0 < m; m0 += kGemmMaxM) {
@@ -593,16 +610,45 @@ void forward(const PatchEmbedFwdParams& p) {
   }
   const std::vector<RowBlock> blocks = row_blocks(p.batch, patches);
   if (blocks.empty()) return;
-  const int64_t dim_padded = round_up(dim, kPatchEmbedWeightBlockN);
-  T* weight_buffer = thread_scratch<T>(ScratchSlot::kA, dim_padded * k_padded);
-  pack_weight_blocked(static_cast<const Out*>(p.weight), dim, k_size, k_padded, weight_buffer);
-  const T* weight = weight_buffer;
   const int64_t max_rows = blocks.front().rows;
   // Outputs larger than a core's L2 leave it before the next op reads them anyway: write their
   // lines without reading them first (measured 6-8% faster at the ViT shapes, float32 and
   // bfloat16, one thread, with a layer_norm after it no slower).
   const bool stream =
       p.batch * tokens * dim * static_cast<int64_t>(sizeof(Out)) >= kStreamOutputBytes;
+  if constexpr (kBlockGemm<T>) {
+    // One BLAS GEMM per block over the whole D: C [rows, D] = A W^T, W read where it lies (a
+    // float32 copy for 16-bit weights), then the epilogue.
+    const float* weight = static_cast<const float*>(p.weight);
+    if constexpr (!std::is_same_v<Out, float>) {
+      float* converted = thread_scratch<float>(ScratchSlot::kA, dim * k_size);
+      const Out* w = static_cast<const Out*>(p.weight);
+      at::parallel_for(0, dim, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin * k_size; i < end * k_size; ++i) converted[i] = to_float(w[i]);
+      });
+      weight = converted;
+    }
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+      float* a = thread_scratch<float>(ScratchSlot::kB, max_rows * k_size);
+      float* c = thread_scratch<float>(ScratchSlot::kC, max_rows * dim);
+      for (int64_t index = begin; index < end; ++index) {
+        const RowBlock& block = blocks[index];
+        gather_patches(view, block, a, k_size);
+        // ATen's mm on the scratch (MKL's sgemm; one thread inside this parallel region).
+        at::Tensor c_rows = at::from_blob(c, {block.rows, dim}, at::kFloat);
+        at::mm_out(c_rows, at::from_blob(a, {block.rows, k_size}, at::kFloat),
+                   at::from_blob(const_cast<float*>(weight), {dim, k_size}, at::kFloat).t());
+        const int64_t token = offset + block.first;
+        store_tile(c, dim, block.rows, dim, bias, pos != nullptr ? pos + token * dim : nullptr,
+                   out + (block.image * tokens + token) * dim, dim, stream);
+      }
+    });
+    return;
+  }
+  const int64_t dim_padded = round_up(dim, kPatchEmbedWeightBlockN);
+  T* weight_buffer = thread_scratch<T>(ScratchSlot::kA, dim_padded * k_padded);
+  pack_weight_blocked(static_cast<const Out*>(p.weight), dim, k_size, k_padded, weight_buffer);
+  const T* weight = weight_buffer;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     GemmScope<T> scope;
     T* a = thread_scratch<T>(ScratchSlot::kB, max_rows * k_padded);

@@ -28,11 +28,19 @@ DECODE_BATCH = 256  # prompts decoded together in the decode-speed measurement
 
 
 def auto_backends() -> dict[str, str]:
-    """The backend "auto" gives each op for CPU tensors here: its C++ kernel when it has one and the
-    extension is built, else the reference (VLMK_BACKEND, when set, overrides)."""
+    """The backend "auto" gives each op for CPU tensors here: its C++ kernel when it has one, the
+    extension is built and the kernel runs on this CPU (the attention kernels need AVX-512), else the
+    reference (VLMK_BACKEND, when set, overrides)."""
+    from vlm_kernels.ops._registry import TABLES
+
     available = vk.available_backends()
     return {
-        op: "cpu" if "cpu" in vk.op_backends(op) and available["cpu"] else "reference" for op in OPS
+        op: "cpu"
+        if "cpu" in vk.op_backends(op)
+        and available["cpu"]
+        and TABLES[op].usable.get("cpu", lambda: True)()
+        else "reference"
+        for op in OPS
     }
 
 

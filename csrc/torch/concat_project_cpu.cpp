@@ -605,11 +605,13 @@ bool aten_gemm_runs_16bit(at::ScalarType type) {
 // kConvertedPanel output features the weight's panel is converted once ([n, K] float32); then per
 // block of at most kConvertedRows rows, every source's rows are converted into their columns of
 // one [rows, K] float32 block (the concat exists for these rows only, in scratch), one float32
-// GEMM takes the whole K (MKL), and the bias is added and the sum rounded once into the output.
-// Scratch: the calling thread's (cpu/thread_scratch.h); ATen's copy, GEMM and add run threaded.
+// GEMM takes the whole K (MKL), and the bias is added and the sum rounded once into the output
+// (add_bias_store: ATen's add into a 16-bit output allocated a float32 temporary per block).
+// Scratch: the calling thread's (cpu/thread_scratch.h); ATen's copy and GEMM run threaded.
 constexpr int64_t kConvertedPanel = 512;
 constexpr int64_t kConvertedRows = 256;
 
+template <typename T>
 void forward_converted(const std::vector<at::Tensor>& flat, const at::Tensor& weight,
                        const at::Tensor& bias, at::Tensor& out) {
   const int64_t rows = out.size(0), cols = out.size(1), total = weight.size(1);
@@ -620,7 +622,9 @@ void forward_converted(const std::vector<at::Tensor>& flat, const at::Tensor& we
   float* const x_block = cpu::thread_scratch<float>(cpu::ScratchSlot::kB, block * total);
   float* const acc = cpu::thread_scratch<float>(cpu::ScratchSlot::kC, block * panel);
   const auto as_float = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+  std::vector<float> bias_f(cols, 0.0f);
+  if (bias.defined()) std::copy_n(bias.const_data_ptr<T>(), cols, bias_f.begin());
+  T* const out_data = out.mutable_data_ptr<T>();
   for (int64_t n0 = 0; n0 < cols; n0 += panel) {
     const int64_t n = std::min(panel, cols - n0);
     const at::Tensor w_n = at::from_blob(w_panel, {n, total}, as_float);
@@ -636,12 +640,11 @@ void forward_converted(const std::vector<at::Tensor>& flat, const at::Tensor& we
       }
       at::Tensor c = at::from_blob(acc, {m, n}, as_float);
       at::mm_out(c, x_m, w_n.t());
-      at::Tensor dst = out.narrow(0, r0, m).narrow(1, n0, n);
-      if (bias_f.defined()) {
-        at::add_out(dst, c, bias_f.narrow(0, n0, n));
-      } else {
-        dst.copy_(c);
-      }
+      at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          add_bias_store(acc + r * n, bias_f.data() + n0, n, out_data + (r0 + r) * cols + n0);
+        }
+      });
     }
   }
 }
@@ -690,7 +693,7 @@ at::Tensor concat_project_fwd_cpu(const std::vector<at::Tensor>& features, const
   const int64_t sources_with_columns =
       std::count_if(flat.begin(), flat.end(), [](const at::Tensor& x) { return x.size(1) > 0; });
   if (type != at::kFloat && !brgemm_supported(type) && !aten_gemm_runs_16bit(type)) {
-    forward_converted(flat, w, b, out);
+    dispatch_dtype(type, [&](auto tag) { forward_converted<decltype(tag)>(flat, w, b, out); });
     return out.view(shape);
   }
   if (type == at::kFloat || !brgemm_supported(type) || sources_with_columns == 1) {

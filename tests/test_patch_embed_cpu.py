@@ -99,10 +99,13 @@ def test_forward_and_backward_match_reference(case):
     check_case(case_inputs(case))
 
 
+@pytest.mark.skipif(
+    not _C.patch_embed_cpu_avx512(), reason="this CPU runs the portable build in every test here"
+)
 def test_portable_build():
     """The kernels' portable build (cpu/patch_embed_portable.cpp), which CPUs without AVX-512 run:
-    on an AVX-512 machine, reached in a fresh process with VLMK_CPU_NO_AVX512=1 (elsewhere every test
-    here runs it). Every case above, the streamed outputs and odd K / D among them."""
+    on an AVX-512 machine, reached in a fresh process with VLMK_CPU_NO_AVX512=1. Every case above,
+    the streamed outputs and odd K / D among them."""
     script = (
         "from tests.test_patch_embed_cpu import CASES, check_case, case_inputs\n"
         "from vlm_kernels import _C\n"

@@ -101,8 +101,11 @@ std::vector<Source<T>> sources_of(const std::vector<at::Tensor>& flat) {
 }
 
 // Whether the 16-bit forward's brgemm path runs this dtype on this CPU (oneDNN's brgemm ukernel:
-// AVX-512-BF16 / AMX for bfloat16, AVX-512-FP16 / AMX-FP16 for float16).
-bool brgemm_supported(at::ScalarType type) { return at::native::cpublas::could_pack(type); }
+// AVX-512-BF16 / AMX for bfloat16, AVX-512-FP16 / AMX-FP16 for float16) and oneDNN is switched on
+// (torch.backends.mkldnn, as ATen's matmul asks).
+bool brgemm_supported(at::ScalarType type) {
+  return at::globalContext().userEnabledMkldnn() && at::native::cpublas::could_pack(type);
+}
 
 inline uint32_t load_word(const void* ptr) {
   uint32_t word;

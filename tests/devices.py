@@ -38,6 +38,19 @@ cpu_only = pytest.mark.skipif(
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs VLMK_TEST_DEVICE=cuda and a GPU")
 
 
+def run_without_avx512(script: str, timeout: float = 900) -> None:
+    """Runs ``script`` in a fresh Python process with VLMK_CPU_NO_AVX512=1 (read once per process, so
+    the C++ CPU kernels take their portable code there) and fails with its stderr if it fails."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLMK_CPU_NO_AVX512="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def backends_for(op: str, *, include_reference: bool = True) -> list[str]:
     """The backends with a kernel for ``op`` that are available here, can run on this machine (the
     C++ CPU kernels need AVX-512) and run TEST_DEVICE tensors."""

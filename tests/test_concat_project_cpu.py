@@ -5,10 +5,6 @@ widths, leading shapes [T] and [B, I, T, N], float32 / bfloat16 / float16, strid
 torch.compile. Tolerances: tests/concat_project_testing.py.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -23,7 +19,7 @@ from tests.concat_project_testing import (
     check_case,
     make_inputs,
 )
-from tests.devices import ON_CUDA
+from tests.devices import ON_CUDA, run_without_avx512
 from vlm_kernels._backends import _extension
 from vlm_kernels.ops.concat_project import concat_project_op
 
@@ -103,11 +99,7 @@ def test_portable_loops_without_avx512():
         "    check(*make_inputs((1100,), (7, 24, 41), 700, dtype))\n"
         "check(*make_inputs((520,), (64, 97), 4096, BF16))\n"
     )
-    env = dict(os.environ, VLMK_CPU_NO_AVX512="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_avx512(script)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])

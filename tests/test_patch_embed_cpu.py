@@ -10,16 +10,12 @@ bfloat16 operands), uint8 / float32 / float16 / bfloat16 / float64 pixels, conti
 and sliced pixels (the strided gather), every combination of the epilogue terms.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import vlm_kernels as vk
 from tests.allocations import poisoned_allocations
-from tests.devices import ON_CUDA
+from tests.devices import ON_CUDA, run_without_avx512
 from tests.patch_embed_testing import (
     BF16,
     F16,
@@ -113,11 +109,7 @@ def test_portable_build():
         "for case in CASES:\n"
         "    check_case(case_inputs(case))\n"
     )
-    env = dict(os.environ, VLMK_CPU_NO_AVX512="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_avx512(script)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -22,10 +22,12 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 
 # `setup.py build_ext --inplace` puts vlm_kernels/_C*.so next to the sources (the repo is on sys.path
 # when run from here, and the .pth of `pip install -e` covers other directories); ninja keeps it
-# incremental.
+# incremental. The editable install adds only the metadata and the .pth (VLMK_METADATA_ONLY, setup.py):
+# pip's own build of the extension would compile every source again in a temporary tree.
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
-	test -f $(VENV)/.editable || ($(PY) -m pip install -q -e . --no-build-isolation --no-deps && touch $(VENV)/.editable)
+	test -f $(VENV)/.editable || (VLMK_METADATA_ONLY=1 $(PY) -m pip install -q -e . --no-build-isolation --no-deps \
+		&& touch $(VENV)/.editable)
 
 demo: build
 	$(PY) -m model demo

@@ -7,6 +7,9 @@ Environment switches (read only here):
   CUDA_HOME                CUDA toolkit root, default /usr/local/cuda (torch would otherwise guess /usr/local
                            from nvcc's symlink there).
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja builder).
+  VLMK_METADATA_ONLY=1     no extension: for `pip install -e .` after `setup.py build_ext --inplace` has
+                           put vlm_kernels/_C*.so beside the sources (the Makefile's build), so pip's
+                           editable build does not compile everything a second time in a temporary tree.
 """
 
 import glob
@@ -90,7 +93,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton>=3.2"]},
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("VLMK_METADATA_ONLY", "0") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

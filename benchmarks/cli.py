@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         "that repeated calls reuse their memory instead of page-faulting; see "
         "timing.steady_malloc)",
     )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="time each provider's repeats one after another (by default a case's providers are "
+        "timed in rounds, one call each per round, so the machine's drift reaches them alike; see "
+        "timing.time_interleaved)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         memory=not args.no_memory,
         check=not args.no_check,
         mem_interval_s=args.mem_interval_ms / 1e3,
+        interleave=not args.sequential,
     )
     progress = (
         None if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
@@ -210,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment(device)
     if device.type == "cpu":
         env["malloc"] = "steady (glibc thresholds pinned)" if steady else "glibc default"
+    env["timing"] = (
+        "providers one after another" if args.sequential else "providers in rounds (interleaved)"
+    )
     print(report.markdown(results, env))
     if args.name:
         name = args.name

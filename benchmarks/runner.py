@@ -67,6 +67,8 @@ class RunConfig:
     memory: bool = True
     check: bool = True
     mem_interval_s: float = 0.001
+    # time the providers of a case in rounds (timing.time_interleaved), else one after another
+    interleave: bool = True
 
 
 def select_providers(
@@ -134,6 +136,7 @@ def run_case(
     flops = spec.flops(inputs, case.mode)
     cotangent: dict = {}
     results, outputs = [], {}
+    prepared: list[tuple[Result, object]] = []  # (result, step) of the providers that ran once
     for provider in providers:
         result = Result(case, provider.name, provider.kind, flops=flops)
         results.append(result)
@@ -145,7 +148,6 @@ def run_case(
         if reason is not None:
             result.status, result.reason = "unavailable", reason
             continue
-        step = None
         try:
             start = time.perf_counter()
             step = make_step(provider.prepare(inputs), inputs, case.mode, cotangent)
@@ -155,28 +157,55 @@ def run_case(
             if provider.kind != "ceiling":  # its output is not the op's: nothing to check
                 outputs[provider.name] = out.detach()
             del out
-            measured = timing.time_calls(
-                step, config.device, max(config.warmup - 1, 0), config.repeats
-            )
-            result.median_ms, result.p20_ms, result.p80_ms = (
-                measured.median_ms,
-                measured.p20_ms,
-                measured.p80_ms,
-            )
-            result.samples_ms, result.repeats = measured.samples_ms, config.repeats
-            if config.memory:
-                result.peak_mem_bytes, result.mem_method = timing.peak_memory(
-                    step, config.device, config.mem_interval_s
-                )
-        except ProviderUnavailable as exc:
-            result.status, result.reason = "unavailable", str(exc)
+            if config.interleave:
+                prepared.append((result, step))
+            else:  # measured now; its prepared state is dropped before the next provider's
+                _record(result, config, step)
         except Exception as exc:
-            result.status, result.reason = "error", _short(exc)
-        step = None  # drop this provider's prepared state before the next one is measured
+            _record_failure(result, exc)
+        step = None
+    if prepared:
+        timings = timing.time_interleaved(
+            [step for _, step in prepared],
+            config.device,
+            max(config.warmup - 1, 0),
+            config.repeats,
+        )
+        for (result, step), measured in zip(prepared, timings, strict=True):
+            try:
+                if isinstance(measured, Exception):
+                    raise measured
+                _record(result, config, step, measured)
+            except Exception as exc:
+                _record_failure(result, exc)
+        prepared.clear()
     _fill_baseline(results, spec.default_baseline, config.baselines)
     if config.check:
         _fill_errors(results, outputs)
     return results
+
+
+def _record(result: Result, config: RunConfig, step, measured: timing.Timing | None = None):
+    """Fills in the timing (measured here when not given) and the peak memory of one provider."""
+    if measured is None:
+        measured = timing.time_calls(step, config.device, max(config.warmup - 1, 0), config.repeats)
+    result.median_ms, result.p20_ms, result.p80_ms = (
+        measured.median_ms,
+        measured.p20_ms,
+        measured.p80_ms,
+    )
+    result.samples_ms, result.repeats = measured.samples_ms, config.repeats
+    if config.memory:
+        result.peak_mem_bytes, result.mem_method = timing.peak_memory(
+            step, config.device, config.mem_interval_s
+        )
+
+
+def _record_failure(result: Result, exc: Exception):
+    if isinstance(exc, ProviderUnavailable):
+        result.status, result.reason = "unavailable", str(exc)
+    else:
+        result.status, result.reason = "error", _short(exc)
 
 
 def _fill_baseline(results: list[Result], default: str, requested: Sequence[str]):

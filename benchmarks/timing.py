@@ -3,6 +3,8 @@
 Timing: `warmup` untimed calls, then `repeats` timed calls; the median and the 20th/80th
 percentiles are reported. CPU: wall clock (time.perf_counter) around each call. CUDA: CUDA events
 around each call, with the L2 cache flushed before each one (as triton.testing.do_bench does).
+The runner times a case's providers in rounds (time_interleaved: one call of each per round), so
+the machine's drift during a run reaches them alike; `time_calls` times one step alone.
 
 Peak memory: CUDA: torch.cuda.max_memory_allocated during one call minus the allocation before it
 (exact for the caching allocator). CPU: the resident set size (psutil) sampled by a thread every
@@ -68,6 +70,37 @@ def time_calls(
         step()
         samples.append((time.perf_counter() - start) * 1e3)
     return summarize(samples)
+
+
+def time_interleaved(
+    steps: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> list[Timing | Exception]:
+    """Time several steps in rounds: `warmup` untimed rounds, then `repeats` timed ones, each round
+    calling every step once in turn. A shared machine's speed drifts over a run (on the 2-core VM the
+    same GEMM took 31-43 ms within minutes); timed one after another, a provider measured in a slow
+    stretch loses to one measured in a fast one (concat_project mllama-projector fp32 read 0.92x with
+    ours first and 1.03x with the peer first). In rounds every provider sees the same stretches.
+    A step that raises gives its exception in its place and is not called again."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    samples: list[list[float] | Exception] = [[] for _ in steps]
+    for round_index in range(warmup + repeats):
+        for index, step in enumerate(steps):
+            if isinstance(samples[index], Exception):
+                continue
+            try:
+                if device.type == "cuda":
+                    elapsed = _cuda_samples(step, device, 1)[0]
+                else:
+                    start = time.perf_counter()
+                    step()
+                    elapsed = (time.perf_counter() - start) * 1e3
+            except Exception as exc:
+                samples[index] = exc
+                continue
+            if round_index >= warmup:
+                samples[index].append(elapsed)
+    return [s if isinstance(s, Exception) else summarize(s) for s in samples]
 
 
 def _cuda_samples(step, device, repeats) -> list[float]:

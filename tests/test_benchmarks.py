@@ -361,3 +361,37 @@ def test_a_ceiling_runs_forward_only_and_is_not_checked_against_the_op():
             assert results["mm"].speedup is not None
         else:
             assert results["mm"].status == "unavailable" and "fwd only" in results["mm"].reason
+
+
+def test_interleaved_timing_calls_the_steps_in_rounds():
+    calls = []
+
+    def step(name):
+        return lambda: calls.append(name)
+
+    def failing():
+        calls.append("bad")
+        raise RuntimeError("boom")
+
+    steps = [step("a"), failing, step("b")]
+    got = timing.time_interleaved(steps, CPU, warmup=1, repeats=3)
+    # a failing step is called once and not again; the others alternate, round after round
+    assert calls == ["a", "bad", "b"] + ["a", "b"] * 3
+    assert isinstance(got[1], RuntimeError)
+    assert [len(t.samples_ms) for t in (got[0], got[2])] == [3, 3]
+    with pytest.raises(ValueError, match="repeats"):
+        timing.time_interleaved(steps, CPU, warmup=0, repeats=0)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_run_case_times_every_provider_in_both_orders(interleave):
+    from benchmarks.runner import Case, RunConfig, run_case
+
+    providers = [registry.get_provider("patch_embed", n) for n in ("vk-reference", "conv")]
+    case = Case("patch_embed", "tiny", "float", "fp32", "fwd")
+    config = RunConfig(CPU, repeats=3, interleave=interleave)
+    results = run_case(case, providers, config)
+    for r in results:
+        assert r.status == "ok", r.reason
+        assert len(r.samples_ms) == 3 and r.median_ms > 0 and r.peak_mem_bytes is not None
+    assert results[0].speedup is not None and results[1].max_abs_err is not None

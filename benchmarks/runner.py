@@ -172,13 +172,14 @@ def run_case(
             config.repeats,
         )
         for (result, step), measured in zip(prepared, timings, strict=True):
+            if isinstance(measured, Exception):
+                _record_failure(result, measured)
+                continue
             try:
-                if isinstance(measured, Exception):
-                    raise measured
                 _record(result, config, step, measured)
             except Exception as exc:
                 _record_failure(result, exc)
-        prepared.clear()
+        prepared.clear()  # the providers' prepared state goes before the next case's inputs
     _fill_baseline(results, spec.default_baseline, config.baselines)
     if config.check:
         _fill_errors(results, outputs)

@@ -5,10 +5,10 @@
 Rows: a small-but-not-trivial Mllama (forward, forward + backward, greedy generate() = prefill +
 decode with the cache), a CLIP ViT-B/16-sized vision model and an OpenFlamingo perceiver resampler
 (ViT-L-sized media features) plus a gated cross-attention block. Each row times the stock model and a
-deep copy patched in place (same weights), median of ``repeats`` after one warm-up, and reports the
-ratio stock / patched (> 1: the patch is faster). The backend each op resolves to here is printed
-with the table: the integrations call the ops with ``backend=None``, so the figures follow whatever
-kernels this checkout has.
+deep copy patched in place (same weights) in rounds (one call of each per round, after one warm-up
+round), median of ``repeats``, and reports the ratio stock / patched (> 1: the patch is faster). The
+backend each op resolves to here is printed with the table: the integrations call the ops with
+``backend=None``, so the figures follow whatever kernels this checkout has.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import vlm_kernels as vk
-from benchmarks.timing import time_calls
+from benchmarks.timing import time_interleaved
 from vlm_kernels.integrations import (
     apply_vlm_kernels_to_clip,
     apply_vlm_kernels_to_mllama,
@@ -214,8 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                 _generate(patched, inputs),
             )
         for mode, (stock_step, patched_step) in modes.items():
-            stock_ms = time_calls(stock_step, CPU, 1, args.repeats).median_ms
-            patched_ms = time_calls(patched_step, CPU, 1, args.repeats).median_ms
+            # in rounds (timing.time_interleaved): the machine's drift reaches both alike
+            timings = time_interleaved([stock_step, patched_step], CPU, 1, args.repeats)
+            for measured in timings:
+                if isinstance(measured, Exception):
+                    raise measured
+            stock_ms, patched_ms = (measured.median_ms for measured in timings)
             line = (
                 f"| {title} | `{api}` | {mode} | {stock_ms:.1f} | {patched_ms:.1f} | "
                 f"{stock_ms / patched_ms:.2f}x |"

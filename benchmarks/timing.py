@@ -58,18 +58,10 @@ def time_calls(
     step: Callable[[], object], device: torch.device, warmup: int, repeats: int
 ) -> Timing:
     """Time `step` on `device`: `warmup` untimed calls then `repeats` timed ones."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        return summarize(_cuda_samples(step, device, repeats))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return summarize(samples)
+    measured = time_interleaved([step], device, warmup, repeats)[0]
+    if isinstance(measured, Exception):
+        raise measured
+    return measured
 
 
 def time_interleaved(
